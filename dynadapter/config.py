@@ -1,0 +1,319 @@
+"""Typed configuration for every pipeline stage, validated from `params.yaml` (+ CLI overrides).
+
+One pydantic model per `params.yaml` section. Unknown keys, wrong types and out-of-range values are rejected
+before any work starts, with the dotted key path and the offending value in the message.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A params.yaml / override problem; the message names the key path and the bad value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------------- base
+
+
+class PathsConfig(Section):
+    data: str = Field("data/prepared", description="Prepared Parquet datasets, one folder per task.")
+    upstream: str = Field("data/upstream", description="Prepared upstream (pretraining) dataset.")
+    models: str = Field("models", description="Trained backbones and adapted models.")
+    outputs: str = Field("outputs", description="Metrics, plots and resolved configs per stage.")
+
+
+class BackboneConfig(Section):
+    name: str = Field(
+        "vit_tiny_patch16_224",
+        description="timm VisionTransformer name; `overrides` adjust its architecture (img_size, depth, ...).",
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="Local weights file (.pth, .npz or .safetensors). None: the pretrain stage trains the "
+        "embedded default backbone on the procedural upstream set.",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=lambda: {"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 12, "num_heads": 3},
+        description="Keyword arguments passed to timm.create_model (architecture only).",
+    )
+
+    @property
+    def img_size(self) -> int:
+        size = self.overrides.get("img_size", 224)
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+class AdapterConfig(Section):
+    dim: int = Field(8, gt=0, description="Bottleneck width d of the AdaptFormer adapter.")
+    scale: float = Field(1.0, gt=0, description="Output scale s of the adapter branch.")
+
+
+class LoRAConfig(Section):
+    rank: int = Field(4, gt=0, description="Rank r of the low-rank update on the fused qkv projection.")
+    alpha: float = Field(4.0, gt=0, description="LoRA scaling numerator (update scaled by alpha / rank).")
+
+
+class RepAdapterConfig(Section):
+    dim: int = Field(8, gt=0, description="Bottleneck width of the linear Rep-Adapter (merged after training).")
+    scale: float = Field(1.0, gt=0, description="Scale of the Rep-Adapter branch.")
+
+
+PetlMethod = Literal["adapter", "lora", "rep_adapter", "linear_probe", "full_finetune"]
+
+
+class PetlConfig(Section):
+    method: PetlMethod = Field(
+        "adapter",
+        description="adapter | lora | rep_adapter; baselines: linear_probe (heads only), full_finetune.",
+    )
+    adapter: AdapterConfig = AdapterConfig()
+    lora: LoRAConfig = LoRAConfig()
+    rep_adapter: RepAdapterConfig = RepAdapterConfig()
+
+
+class HeadsConfig(Section):
+    hidden: list[int] | None = Field(
+        None,
+        description="Hidden width per exit head (0 = LN + Linear). None: balanced default, heavier heads early "
+        "(2*D, D, D/2, then 0 for the last exit).",
+    )
+    balanced: bool = Field(True, description="False: every head is the light LN + Linear head (ablation).")
+
+    @field_validator("hidden")
+    @classmethod
+    def _non_negative(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(h < 0 for h in v):
+            raise ValueError(f"head widths must be >= 0, got {v}")
+        return v
+
+
+class ModelConfig(Section):
+    petl: PetlConfig = PetlConfig()
+    exits: list[int] | None = Field(
+        None, description="Blocks (1-based) after which an exit head sits. None: every depth/4 blocks."
+    )
+    early_exit: bool = Field(True, description="False: a single head after the last block (full-depth baseline).")
+    heads: HeadsConfig = HeadsConfig()
+    confidence: Literal["max_softmax", "entropy"] = Field(
+        "max_softmax", description="Exit criterion at inference."
+    )
+
+    @field_validator("exits")
+    @classmethod
+    def _increasing(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("exits must name at least one block")
+            if any(b < 1 for b in v) or any(b2 <= b1 for b1, b2 in zip(v, v[1:])):
+                raise ValueError(f"exits must be strictly increasing block numbers >= 1, got {v}")
+        return v
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or server).")
+    experiment: str = Field("dynadapter", description="MLflow experiment name.")
+
+
+class BaseSection(Section):
+    seed: int = Field(0, ge=0, description="Global seed; the same seed gives the same data and models.")
+    paths: PathsConfig = PathsConfig()
+    tasks: list[str] = Field(
+        default_factory=lambda: ["count", "position", "orientation", "size", "digits"],
+        description="Downstream tasks the train/evaluate stages use (folder names under paths.data).",
+    )
+    backbone: BackboneConfig = BackboneConfig()
+    model: ModelConfig = ModelConfig()
+    budget: float = Field(0.5, gt=0, le=1, description="Inference FLOPs budget as a fraction of full depth.")
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @model_validator(mode="after")
+    def _exits_within_depth(self) -> BaseSection:
+        depth = self.backbone.overrides.get("depth")
+        exits = self.model.exits
+        if depth is not None and exits is not None and exits[-1] > int(depth):
+            raise ValueError(f"model.exits {exits} go beyond the backbone depth {depth}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+class EmbeddedDataConfig(Section):
+    image_size: int = Field(32, ge=16, le=512, description="Side of the generated square images.")
+    train: int = Field(800, gt=0, description="Training images per downstream task (VTAB-1k: 800).")
+    val: int = Field(200, gt=0, description="Validation images per downstream task (VTAB-1k: 200).")
+    test: int = Field(1000, gt=0, description="Test images per downstream task.")
+    upstream_train: int = Field(20000, gt=0, description="Upstream (pretraining) training images.")
+    upstream_val: int = Field(2000, gt=0, description="Upstream validation images.")
+
+
+class PrepareConfig(Section):
+    source: Literal["embedded", "vtab"] = Field(
+        "embedded", description="embedded: generate the offline suite; vtab: import a VTAB-1k folder."
+    )
+    vtab_root: str | None = Field(None, description="VTAB-1k root folder (contains one folder per task).")
+    on_bad_line: Literal["error", "skip"] = Field(
+        "error", description="error: stop at the first bad list line; skip: drop bad lines and report them."
+    )
+    embedded: EmbeddedDataConfig = EmbeddedDataConfig()
+
+    @model_validator(mode="after")
+    def _vtab_needs_root(self) -> PrepareConfig:
+        if self.source == "vtab" and not self.vtab_root:
+            raise ValueError("source 'vtab' needs vtab_root")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- train / pretrain
+
+
+class OptimConfig(Section):
+    epochs: int = Field(20, gt=0, description="Training epochs.")
+    batch_size: int = Field(64, gt=0, description="Batch size (per worker).")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up length before the cosine decay.")
+
+
+class PretrainConfig(OptimConfig):
+    epochs: int = Field(6, gt=0, description="Upstream pretraining epochs.")
+    batch_size: int = Field(128, gt=0, description="Batch size.")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+
+
+class PriorityConfig(Section):
+    start: list[float] | None = Field(
+        None, description="Per-exit loss weight at the start of training. None: all 1."
+    )
+    end: list[float] | None = Field(None, description="Per-exit loss weight at the end of training. None: all 1.")
+    shape: Literal["linear", "cosine", "constant"] = Field(
+        "cosine", description="How weights move from start to end over training (constant: start only)."
+    )
+
+    @field_validator("start", "end")
+    @classmethod
+    def _non_negative(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(w < 0 for w in v):
+            raise ValueError(f"loss weights must be >= 0, got {v}")
+        return v
+
+
+class SparsityConfig(Section):
+    forward: bool = Field(True, description="Depth-decaying dropout in PETL modules and heads.")
+    p_max: float = Field(0.2, ge=0, lt=1, description="Dropout rate at the first stage.")
+    p_min: float = Field(0.0, ge=0, lt=1, description="Dropout rate at the last stage.")
+    backward: bool = Field(True, description="Random masking of trainable gradients each step.")
+    q: float = Field(0.1, ge=0, lt=1, description="Fraction of trainable gradient entries zeroed each step.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SparsityConfig:
+        if self.p_min > self.p_max:
+            raise ValueError(f"p_min ({self.p_min}) must not exceed p_max ({self.p_max})")
+        return self
+
+
+class TrainConfig(OptimConfig):
+    priority: PriorityConfig = PriorityConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    distill: float = Field(0.0, ge=0, description="Weight of self-distillation (last exit -> earlier); 0 = off.")
+    distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of self-distillation.")
+
+
+# ---------------------------------------------------------------------------------------------- top level
+
+
+class Params(Section):
+    """The whole params.yaml. Sections for later stages are optional so each stage can run alone."""
+
+    model_config = ConfigDict(extra="allow")
+    base: BaseSection = BaseSection()
+    prepare: PrepareConfig = PrepareConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    train: TrainConfig = TrainConfig()
+
+
+KNOWN_SECTIONS = {"base", "prepare", "pretrain", "train", "tune", "evaluate", "register"}
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (value {e['input']!r})")
+        else:
+            lines.append(f"  {path}: {e['msg']} (got {e['input']!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a raw params tree, returning a copy."""
+    tree = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, text = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(text))
+    return tree
+
+
+def parse_params(raw: dict | None, source: str = "params.yaml") -> Params:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    unknown = sorted(set(raw) - KNOWN_SECTIONS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(KNOWN_SECTIONS)}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    with path.open() as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(apply_overrides(raw, overrides), str(path))
+
+
+def section_dict(params: Params, *sections: str) -> dict:
+    """The resolved sections as plain data (what a stage saves next to its outputs)."""
+    out = {}
+    for name in sections:
+        value = getattr(params, name)
+        out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return out
+
+
+def save_resolved(params: Params, sections: list[str], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        yaml.safe_dump(section_dict(params, *sections), f, sort_keys=False)

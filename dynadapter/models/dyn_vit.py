@@ -1,0 +1,121 @@
+"""The multi-exit Dyn-Adapter ViT: a frozen timm ViT cut into stages, an exit head after each stage.
+
+`forward` (training) returns every exit's logits. `forward_dynamic` (inference) runs stage by stage and
+compacts the batch: samples confident enough at an exit leave with that prediction, only the rest go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from timm.layers import global_pool_nlc
+
+
+@dataclass
+class DynamicOutput:
+    logits: torch.Tensor  # [B, C] logits of the exit each sample left at
+    exit_index: torch.Tensor  # [B] int64, 0-based index into model.exits
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return self.logits.argmax(dim=-1)
+
+
+def confidence_score(logits: torch.Tensor, kind: str = "max_softmax") -> torch.Tensor:
+    """Higher = more confident, in [0, 1]: max softmax probability, or 1 - normalised entropy."""
+    probs = logits.float().softmax(dim=-1)
+    if kind == "max_softmax":
+        return probs.max(dim=-1).values
+    if kind == "entropy":
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        return 1.0 - ent / torch.log(torch.tensor(float(logits.shape[-1])))
+    raise ValueError(f"confidence must be 'max_softmax' or 'entropy', got {kind!r}")
+
+
+class DynAdapterViT(nn.Module):
+    def __init__(self, backbone: nn.Module, exits: list[int], heads: nn.ModuleList, confidence: str = "max_softmax"):
+        super().__init__()
+        depth = len(backbone.blocks)
+        if not exits or any(b < 1 or b > depth for b in exits) or sorted(set(exits)) != list(exits):
+            raise ValueError(f"exits must be strictly increasing block numbers in 1..{depth}, got {exits}")
+        if len(heads) != len(exits):
+            raise ValueError(f"{len(heads)} heads for {len(exits)} exits")
+        self.backbone = backbone
+        self.exits = list(exits)
+        self.heads = heads
+        self.confidence = confidence
+        self.num_classes = heads[-1].fc.out_features
+        self.register_buffer("thresholds", torch.full((len(exits),), 2.0), persistent=True)
+
+    # ---- pieces, shared by training, dynamic inference and FLOPs accounting
+    @property
+    def stage_bounds(self) -> list[tuple[int, int]]:
+        starts = [0] + self.exits[:-1]
+        return list(zip(starts, self.exits))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.patch_embed(x)
+        x = b._pos_embed(x)
+        x = b.patch_drop(x)
+        return b.norm_pre(x)
+
+    def run_stage(self, tokens: torch.Tensor, stage: int) -> torch.Tensor:
+        start, end = self.stage_bounds[stage]
+        for block in self.backbone.blocks[start:end]:
+            tokens = block(tokens)
+        return tokens
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        return global_pool_nlc(tokens, pool_type=b.global_pool or "token", num_prefix_tokens=b.num_prefix_tokens)
+
+    def exit_logits(self, tokens: torch.Tensor, stage: int) -> torch.Tensor:
+        return self.heads[stage](self.pool(tokens))
+
+    # ---- training: all exits
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        tokens = self.embed(x)
+        out = []
+        for s in range(len(self.exits)):
+            tokens = self.run_stage(tokens, s)
+            out.append(self.exit_logits(tokens, s))
+        return out
+
+    # ---- inference: compacted early exit
+    @torch.no_grad()
+    def forward_dynamic(self, x: torch.Tensor, thresholds: torch.Tensor | list[float] | None = None) -> DynamicOutput:
+        """Each sample leaves at the first exit whose confidence >= its threshold (the last exit takes the rest).
+
+        Only the samples still in flight are computed at each stage, so skipped work is really skipped.
+        """
+        th = self.thresholds if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)
+        if th.numel() != len(self.exits):
+            raise ValueError(f"need {len(self.exits)} thresholds (one per exit), got {th.numel()}")
+        n = x.shape[0]
+        out_logits = None
+        exit_index = torch.full((n,), len(self.exits) - 1, dtype=torch.long, device=x.device)
+        alive = torch.arange(n, device=x.device)
+        tokens = self.embed(x)
+        for s in range(len(self.exits)):
+            tokens = self.run_stage(tokens, s)
+            logits = self.exit_logits(tokens, s)
+            if out_logits is None:
+                out_logits = logits.new_zeros((n, logits.shape[-1]))
+            if s == len(self.exits) - 1:
+                out_logits[alive] = logits
+                break
+            leave = confidence_score(logits, self.confidence) >= float(th[s])
+            if leave.any():
+                out_logits[alive[leave]] = logits[leave]
+                exit_index[alive[leave]] = s
+                stay = ~leave
+                alive, tokens = alive[stay], tokens[stay]
+            if alive.numel() == 0:
+                break
+        return DynamicOutput(out_logits, exit_index)
+
+    def set_thresholds(self, thresholds) -> None:
+        self.thresholds.copy_(torch.as_tensor(thresholds, dtype=torch.float32))

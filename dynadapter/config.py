@@ -230,6 +230,12 @@ class TrainConfig(OptimConfig):
     distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of self-distillation.")
 
 
+class EvaluateConfig(Section):
+    throughput_batch: int = Field(
+        256, ge=0, description="Test images timed for compacted dynamic vs full-depth CPU throughput; 0 = skip.")
+    throughput_repeats: int = Field(5, ge=1, description="Timed repeats (the median is reported).")
+
+
 # ---------------------------------------------------------------------------------------------- top level
 
 
@@ -241,6 +247,7 @@ class Params(Section):
     prepare: PrepareConfig = PrepareConfig()
     pretrain: PretrainConfig = PretrainConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 KNOWN_SECTIONS = {"base", "prepare", "pretrain", "train", "tune", "evaluate", "register"}

@@ -61,3 +61,16 @@ def save_stage_config(params: Params, stage: str, out_dir: str | Path) -> Path:
     path = Path(out_dir) / f"{stage}_config.yaml"
     save_resolved(params, ["base", stage], path)
     return path
+
+
+def epoch_printer(label: str, epochs: int):
+    """on_epoch_end callback printing one line per epoch, so long stages show progress in `dvc repro` logs
+    (tqdm bars only draw on a terminal)."""
+
+    def report(epoch: int, metrics: dict) -> None:
+        val = metrics.get("val_acc")
+        val_txt = " val_acc " + "/".join(f"{a:.3f}" for a in val) if val else ""
+        print(f"{label}: epoch {epoch}/{epochs} loss {metrics['train_loss']:.4f}{val_txt} "
+              f"({metrics.get('seconds', 0.0):.1f}s)", flush=True)
+
+    return report

@@ -1,0 +1,232 @@
+"""Adapt one task end to end: train on train, select and calibrate on val, report on test.
+
+The one code path behind the benchmark, the train/evaluate stages and the tune trials, so every method is
+measured the same way: same data, same trainer, same calibration, same MACs accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dynadapter.config import BackboneConfig, ModelConfig, TrainConfig
+from dynadapter.data import load_split_tensors, read_manifest
+from dynadapter.inference import (
+    calibrate,
+    collect_exit_logits,
+    dynamic_vs_full,
+    evaluate_thresholds,
+    measure_stage_costs,
+    pareto_front,
+    sweep,
+)
+from dynadapter.models import build_model, count_parameters, create_backbone, merge_petl, normalization
+from dynadapter.models.dyn_vit import DynAdapterViT
+from dynadapter.train import fit, fit_resumable, load_trainable_state, trainable_state
+
+
+@dataclass
+class TaskData:
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    num_classes: int
+
+
+def load_task(data_root: str | Path, task: str, img_size: int, mean, std) -> TaskData:
+    manifest = read_manifest(data_root, task)
+    splits = {s: load_split_tensors(data_root, task, s, img_size, mean, std) for s in ("train", "val", "test")}
+    return TaskData(splits["train"], splits["val"], splits["test"], int(manifest["num_classes"]))
+
+
+@dataclass
+class Trained:
+    """What training one task produces, before calibration (the train stage's output)."""
+
+    task: str
+    method: str
+    early_exit: bool
+    exits: list[int]
+    params: dict[str, int]
+    best_epoch: int
+    train_seconds: float
+    step_seconds: float  # mean wall time of one training step
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Evaluated:
+    """Calibration on val at the budget, test figures at those thresholds, and the val-calibrated curve."""
+
+    stage_macs: dict[str, Any]
+    full_depth_macs: int
+    calibration: dict[str, Any]  # thresholds chosen on val at the budget
+    test: dict[str, Any]  # accuracy, macs, fraction, exit shares at those thresholds
+    test_exit_accuracy: list[float]  # accuracy of each exit alone on test (static truncation at that exit)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # val-calibrated points, with test figures
+    throughput: dict[str, Any] | None = None
+
+
+@dataclass
+class TaskResult:
+    trained: Trained
+    evaluated: Evaluated
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self.trained), **asdict(self.evaluated)}
+
+
+def _exit_accuracy(exit_logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    return [float((lg.argmax(-1) == labels).float().mean()) for lg in exit_logits]
+
+
+def train_task(
+    task: str,
+    data: TaskData,
+    backbone_cfg: BackboneConfig,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    checkpoint: str | Path | None,
+    *,
+    seed: int = 0,
+    checkpoint_path: str | Path | None = None,
+    progress: bool | None = None,
+    on_epoch_end=None,
+    strategy=None,
+) -> tuple[Trained, DynAdapterViT]:
+    """Build the model on the frozen backbone and train it (selection on val); resumes from checkpoint_path."""
+    torch.manual_seed(seed)
+    backbone = create_backbone(backbone_cfg, checkpoint)
+    model = build_model(backbone_cfg, model_cfg, data.num_classes, train_cfg.sparsity, backbone=backbone)
+    params = count_parameters(model)
+    start = time.perf_counter()
+    kwargs = dict(seed=seed, progress=progress, on_epoch_end=on_epoch_end, strategy=strategy)
+    if checkpoint_path is not None:
+        result = fit_resumable(model, data.train, data.val, train_cfg, checkpoint_path=checkpoint_path, **kwargs)
+    else:
+        result = fit(model, data.train, data.val, train_cfg, **kwargs)
+    train_seconds = time.perf_counter() - start
+    steps = max(1, sum(h.get("steps", 0) for h in result.history))
+    step_seconds = sum(h.get("seconds", 0.0) for h in result.history) / steps
+    trained = Trained(
+        task=task, method=model_cfg.petl.method, early_exit=model_cfg.early_exit, exits=list(model.exits),
+        params=params, best_epoch=result.best_epoch, train_seconds=train_seconds, step_seconds=step_seconds,
+        history=result.history,
+    )
+    return trained, model
+
+
+def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
+                  throughput_batch: int = 0, repeats: int = 5) -> Evaluated:
+    """Merge PETL, calibrate thresholds on val for `budget`, then evaluate once on test (and the val-calibrated
+    threshold sweep on test). `throughput_batch` > 0 also times compacted dynamic inference against full depth
+    on that many test images. Leaves the model merged, in eval mode, holding the calibrated thresholds."""
+    model.eval()
+    merge_petl(model)  # Rep-Adapter / LoRA folded into the frozen weights: inference pays nothing for them
+    costs = measure_stage_costs(model)
+    val_logits = collect_exit_logits(model, data.val[0])
+    test_logits = collect_exit_logits(model, data.test[0])
+    val_y, test_y = data.val[1], data.test[1]
+
+    cal = calibrate(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
+                    confidence=model.confidence)
+    model.set_thresholds(cal.thresholds)
+    ev = evaluate_thresholds(test_logits, test_y, cal.thresholds, costs, model.confidence)
+
+    curve = []
+    if len(model.exits) > 1:
+        points = sweep(val_logits=val_logits, val_labels=val_y, costs=costs, confidence=model.confidence)
+        front = {id(p) for p in pareto_front(points)}
+        for p in points:
+            t = evaluate_thresholds(test_logits, test_y, p.thresholds, costs, model.confidence)
+            curve.append({
+                "thresholds": p.thresholds, "val_accuracy": p.accuracy, "val_fraction": p.fraction,
+                "budget": p.budget_fraction, "test_accuracy": t.accuracy, "test_macs": t.macs,
+                "test_fraction": t.fraction, "val_pareto": id(p) in front,
+            })
+
+    throughput = None
+    if throughput_batch > 0:
+        x = data.test[0][:throughput_batch]
+        throughput = asdict(dynamic_vs_full(model, x, cal.thresholds, repeats=repeats))
+
+    return Evaluated(
+        stage_macs=costs.to_dict(),
+        full_depth_macs=costs.full_depth_baseline(),
+        calibration=asdict(cal),
+        test=asdict(ev),
+        test_exit_accuracy=_exit_accuracy(test_logits, test_y),
+        curve=curve,
+        throughput=throughput,
+    )
+
+
+def adapt_task(
+    task: str,
+    data: TaskData,
+    backbone_cfg: BackboneConfig,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    checkpoint: str | Path | None,
+    *,
+    budget: float = 0.5,
+    seed: int = 0,
+    throughput_batch: int = 0,
+    **train_kwargs,
+) -> tuple[TaskResult, DynAdapterViT]:
+    """train_task then evaluate_task: the whole measurement of one method on one task."""
+    trained, model = train_task(task, data, backbone_cfg, model_cfg, train_cfg, checkpoint, seed=seed,
+                                **train_kwargs)
+    evaluated = evaluate_task(model, data, budget=budget, throughput_batch=throughput_batch)
+    return TaskResult(trained, evaluated), model
+
+
+# ------------------------------------------------------------------------------ trained adapters on disk
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_INFO = "adapter.json"
+
+
+def save_trained(model: DynAdapterViT, trained: Trained, out_dir: str | Path, *, backbone_cfg: BackboneConfig,
+                 model_cfg: ModelConfig, num_classes: int) -> Path:
+    """Write the trained parameters (PETL + heads: small) and what rebuilds the model around them.
+
+    The frozen backbone is not copied: it is the backbone checkpoint the model was built on."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in trainable_state(model).items()}
+    tmp = out / (ADAPTER_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out / ADAPTER_FILE)
+    info = {
+        "backbone": backbone_cfg.model_dump(mode="json"),
+        "model": model_cfg.model_dump(mode="json"),
+        "num_classes": num_classes,
+        "trained": asdict(trained),
+    }
+    (out / ADAPTER_INFO).write_text(json.dumps(info, indent=2))
+    return out
+
+
+def load_trained(out_dir: str | Path, checkpoint: str | Path | None) -> tuple[DynAdapterViT, Trained, ModelConfig]:
+    """Rebuild a model saved by `save_trained` on the backbone `checkpoint` (unmerged, eval mode)."""
+    out = Path(out_dir)
+    info = json.loads((out / ADAPTER_INFO).read_text())
+    backbone_cfg = BackboneConfig.model_validate(info["backbone"])
+    model_cfg = ModelConfig.model_validate(info["model"])
+    model = build_model(backbone_cfg, model_cfg, int(info["num_classes"]), None, checkpoint)
+    load_trainable_state(model, load_file(str(out / ADAPTER_FILE)))
+    model.eval()
+    return model, Trained(**info["trained"]), model_cfg
+
+
+def load_task_for(base, task: str) -> TaskData:
+    """A task from base.paths.data, resized and normalised as base.backbone expects."""
+    mean, std = normalization(create_backbone(base.backbone))
+    return load_task(base.paths.data, task, base.backbone.img_size, mean, std)

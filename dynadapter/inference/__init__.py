@@ -1,0 +1,53 @@
+"""Inference: exact per-stage MACs, validation-only threshold calibration, Pareto frontier, throughput."""
+
+from dynadapter.inference.calibrate import (
+    Calibration,
+    CurvePoint,
+    Evaluation,
+    Simulation,
+    calibrate,
+    collect_exit_logits,
+    evaluate_thresholds,
+    simulate,
+    sweep,
+)
+from dynadapter.inference.flops import (
+    StageCosts,
+    count_macs,
+    dynamic_macs,
+    measure_stage_costs,
+    unfused_attention,
+    vit_macs_closed_form,
+)
+from dynadapter.inference.pareto import pareto_front
+from dynadapter.inference.runtime import (
+    ThroughputComparison,
+    dynamic_vs_full,
+    full_depth_forward,
+    measure_throughput,
+    run_dynamic,
+)
+
+__all__ = [
+    "Calibration",
+    "CurvePoint",
+    "Evaluation",
+    "Simulation",
+    "StageCosts",
+    "ThroughputComparison",
+    "calibrate",
+    "collect_exit_logits",
+    "count_macs",
+    "dynamic_macs",
+    "dynamic_vs_full",
+    "evaluate_thresholds",
+    "full_depth_forward",
+    "measure_stage_costs",
+    "measure_throughput",
+    "pareto_front",
+    "run_dynamic",
+    "simulate",
+    "sweep",
+    "unfused_attention",
+    "vit_macs_closed_form",
+]

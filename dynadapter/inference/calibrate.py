@@ -1,0 +1,383 @@
+"""Exit-threshold calibration under a MACs budget, on the validation split only; test is evaluated apart.
+
+Per-exit logits are computed once (`collect_exit_logits`); every threshold setting is then simulated
+without touching the model (`simulate`), with the same exit rule as `DynAdapterViT.forward_dynamic`.
+Budgets are fractions of `StageCosts.full_depth_baseline()`: the static model (all blocks, last head only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from dynadapter.inference.flops import StageCosts
+from dynadapter.models import confidence_score
+
+NEVER = 2.0  # a threshold above any confidence in [0, 1]: nobody leaves at that exit
+ALWAYS = 0.0  # everybody leaves; also stored for the last exit, whose threshold is never read
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(data, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+    if isinstance(data, torch.Tensor):
+        for i in range(0, data.shape[0], batch_size):
+            yield data[i : i + batch_size], None
+        return
+    for batch in data:  # a DataLoader of images or of (images, labels, ...)
+        if isinstance(batch, (tuple, list)):
+            yield batch[0], (batch[1] if len(batch) > 1 else None)
+        elif isinstance(batch, dict):
+            yield batch["image"], batch.get("label")
+        else:
+            yield batch, None
+
+
+@torch.no_grad()
+def collect_exit_logits(
+    model: nn.Module, data, batch_size: int = 256, return_labels: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's logits for every sample, [S, N, C] float32 on the model's device (eval mode, no_grad).
+
+    `data`: an image tensor [N, 3, H, W] (batched here) or an iterable of image batches / (images, labels)
+    batches (a DataLoader). With `return_labels`, also returns the loader's labels [N] (tensor input: none).
+    """
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    chunks, labels = [], []
+    try:
+        for x, y in _batches(data, batch_size):
+            chunks.append(torch.stack(model(x.to(device)), dim=0).float())
+            if y is not None:
+                labels.append(torch.as_tensor(y).to(device))
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ValueError("collect_exit_logits got no data")
+    logits = torch.cat(chunks, dim=1)
+    if not return_labels:
+        return logits
+    if not labels:
+        raise ValueError("return_labels=True but the data yields no labels")
+    return logits, torch.cat(labels).long()
+
+
+# --------------------------------------------------------------------------------------------- simulation
+# Scores and predictions are computed on the logits' device; the search itself runs on the host in NumPy:
+# it works on S x N numbers, and single-threaded NumPy stays fast where torch's intra-op threads contend.
+
+
+class Simulation(NamedTuple):
+    accuracy: float
+    mean_macs: float  # MACs per sample actually executed
+    exit_index: torch.Tensor  # [N] 0-based exit each sample leaves at (on the logits' device)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    conf: np.ndarray  # [S, N] float32 confidence of each exit
+    correct: np.ndarray  # [S, N] bool, exit s predicts sample n right
+    cum: np.ndarray  # [S] float64 MACs of leaving at exit s
+    device: torch.device
+
+    @property
+    def num_exits(self) -> int:
+        return self.conf.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        return self.conf.shape[1]
+
+
+def _prepare(exit_logits: torch.Tensor, labels: torch.Tensor, costs: StageCosts, confidence: str) -> _Prepared:
+    if not isinstance(exit_logits, torch.Tensor) or exit_logits.dim() != 3:
+        raise ValueError(f"exit logits must be a [S, N, C] tensor, got {getattr(exit_logits, 'shape', type(exit_logits))}")
+    s, n, c = exit_logits.shape
+    if s != costs.num_exits:
+        raise ValueError(f"{s} exits in the logits but {costs.num_exits} in the costs")
+    labels = torch.as_tensor(labels, device=exit_logits.device).long().reshape(-1)
+    if labels.numel() != n:
+        raise ValueError(f"{labels.numel()} labels for {n} samples")
+    if n == 0:
+        raise ValueError("no samples")
+    with torch.no_grad():
+        conf = confidence_score(exit_logits.reshape(s * n, c), confidence).reshape(s, n)
+        correct = exit_logits.argmax(-1) == labels.unsqueeze(0)
+    return _Prepared(
+        conf.float().cpu().numpy(),
+        correct.cpu().numpy(),
+        np.asarray(costs.cumulative(), dtype=np.float64),
+        exit_logits.device,
+    )
+
+
+def _exit_of(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """First exit with confidence >= threshold, the last exit for the rest: thresholds [K, S] -> [K, N]."""
+    s_count = conf.shape[0]
+    idx = np.full((thresholds.shape[0], conf.shape[1]), s_count - 1, dtype=np.int64)
+    for s in range(s_count - 2, -1, -1):  # backwards, so the earliest qualifying exit wins
+        idx = np.where(conf[s] >= thresholds[:, s : s + 1], s, idx)
+    return idx
+
+
+def _evaluate(p: _Prepared, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Many settings at once: thresholds [K, S] -> correct counts [K] (int), mean MACs [K], exit index [K, N]."""
+    idx = _exit_of(p.conf, thresholds.astype(np.float32))
+    counts = p.correct[idx, np.arange(p.num_samples)].sum(axis=1)
+    macs = p.cum[idx].mean(axis=1)
+    return counts, macs, idx
+
+
+def _as_thresholds(thresholds, num_exits: int) -> np.ndarray:
+    if isinstance(thresholds, torch.Tensor):
+        thresholds = thresholds.detach().float().cpu().numpy()
+    th = np.asarray(thresholds, dtype=np.float32).reshape(-1)
+    if th.size != num_exits:
+        raise ValueError(f"need {num_exits} thresholds (one per exit), got {th.size}")
+    return th
+
+
+def simulate(
+    exit_logits: torch.Tensor,
+    labels: torch.Tensor,
+    thresholds: torch.Tensor | Sequence[float],
+    costs: StageCosts,
+    confidence: str = "max_softmax",
+) -> Simulation:
+    """Accuracy, mean MACs and exit of each sample for one threshold setting, from precomputed exit logits.
+
+    The exit rule is `forward_dynamic`'s: a sample leaves at the first exit whose confidence >= its threshold;
+    the last exit takes the rest.
+    """
+    p = _prepare(exit_logits, labels, costs, confidence)
+    th = _as_thresholds(thresholds, p.num_exits)
+    counts, macs, idx = _evaluate(p, th[None])
+    return Simulation(int(counts[0]) / p.num_samples, float(macs[0]), torch.from_numpy(idx[0]).to(p.device))
+
+
+# -------------------------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Thresholds chosen on validation data and what they achieve there (MACs per image)."""
+
+    thresholds: list[float]
+    val_accuracy: float
+    val_macs: float
+    fraction: float  # val_macs / full_depth_baseline
+    budget_fraction: float
+    feasible: bool  # False: no setting meets the budget; thresholds are then the cheapest setting
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Fixed thresholds applied to held-out (test) data."""
+
+    accuracy: float
+    macs: float
+    fraction: float  # macs / full_depth_baseline
+    exit_fraction: list[float]  # share of samples leaving at each exit
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    thresholds: list[float]
+    accuracy: float
+    macs: float
+    fraction: float
+    budget_fraction: float | None = None  # the budget that produced it; None for a shared-threshold point
+
+
+def _cuts(values: np.ndarray) -> np.ndarray:
+    """Thresholds halfway between consecutive distinct values, plus 'everybody leaves' and 'nobody leaves'.
+
+    Cutting between observed confidences (rather than at them) keeps decisions stable under the tiny float
+    differences between `forward` and the compacted `forward_dynamic`.
+    """
+    u = np.unique(values.astype(np.float32))  # sorted ascending
+    return np.concatenate([[ALWAYS], (u[1:] + u[:-1]) / 2, [NEVER]]).astype(np.float32)
+
+
+def _shared_candidates(conf: np.ndarray, num: int) -> np.ndarray:
+    cuts = _cuts(conf)
+    pick = np.unique(np.round(np.linspace(0, cuts.size - 1, min(num, cuts.size))).astype(np.int64))
+    return cuts[pick]
+
+
+def _best(counts: np.ndarray, macs: np.ndarray, limit: float) -> int | None:
+    """Index of the most accurate setting within the budget (ties: cheapest, then first); None if none fits."""
+    ok = macs <= limit
+    if not ok.any():
+        return None
+    tied = ok & (counts == counts[ok].max())
+    return int(np.argmin(np.where(tied, macs, np.inf)))
+
+
+def _best_at_exit(p: _Prepared, current: np.ndarray, s: int, limit: float) -> tuple[float, int, float] | None:
+    """Exact best threshold of exit s with every other threshold fixed: (threshold, correct count, mean MACs).
+
+    Samples reaching exit s either leave there or follow their fixed path through the later exits; sorting
+    them by confidence, every cut is one prefix, so all cuts are scored with two cumulative sums.
+    """
+    n = p.num_samples
+    cols = np.arange(n)
+    passed = current.copy()
+    passed[s] = NEVER
+    after = _exit_of(p.conf, passed[None])[0]  # exit of each sample if nobody leaves at s
+    reach = after >= s
+    fixed_count = int(p.correct[after, cols][~reach].sum())
+    fixed_cost = float(p.cum[after][~reach].sum())
+    order = np.argsort(-p.conf[s][reach], kind="stable")
+    c_sorted = p.conf[s][reach][order]
+    down_correct = p.correct[after[reach], cols[reach]][order].astype(np.int64)
+    down_cost = p.cum[after[reach]][order]
+    gain_correct = np.concatenate([[0], np.cumsum(p.correct[s][reach][order].astype(np.int64) - down_correct)])
+    gain_cost = np.concatenate([[0.0], np.cumsum(p.cum[s] - down_cost)])
+    counts = fixed_count + int(down_correct.sum()) + gain_correct  # [R+1]: the top-j samples leave at s
+    macs = (fixed_cost + float(down_cost.sum()) + gain_cost) / n
+    r = c_sorted.size
+    valid = np.ones(r + 1, dtype=bool)  # a cut must not split equal confidences
+    if r > 1:
+        valid[1:r] = c_sorted[:-1] > c_sorted[1:]
+    k = _best(np.where(valid, counts, -1), np.where(valid, macs, np.inf), limit)
+    if k is None:
+        return None
+    if k == 0:
+        th = NEVER
+    elif k == r:
+        th = ALWAYS
+    else:
+        th = float((c_sorted[k - 1] + c_sorted[k]) / 2)
+    return th, int(counts[k]), float(macs[k])
+
+
+def _search(p: _Prepared, limit: float, num_candidates: int, passes: int) -> tuple[np.ndarray, bool]:
+    s_count = p.num_exits
+    if s_count == 1:
+        return np.full(1, ALWAYS, dtype=np.float32), bool(p.cum[0] <= limit)
+    if p.cum[0] > limit:  # even leaving everyone at exit 0 is over budget: cheapest setting, flagged
+        return np.full(s_count, ALWAYS, dtype=np.float32), False
+
+    # 1) one threshold shared by every early exit
+    grid = np.repeat(_shared_candidates(p.conf[:-1], num_candidates)[:, None], s_count, axis=1)
+    grid[:, -1] = ALWAYS
+    counts, macs, _ = _evaluate(p, grid)
+    k = _best(counts, macs, limit)  # never None: threshold 0 (everybody at exit 0) fits, checked above
+    current, cur_count, cur_macs = grid[k].copy(), int(counts[k]), float(macs[k])
+
+    # 2) coordinate ascent: each early exit's threshold set to its exact best given the others
+    for _ in range(passes):
+        improved = False
+        for s in range(s_count - 1):
+            found = _best_at_exit(p, current, s, limit)
+            if found is None:
+                continue
+            th, count, cost = found
+            if count > cur_count or (count == cur_count and cost < cur_macs - 1e-9 * max(cur_macs, 1.0)):
+                current[s], cur_count, cur_macs = th, count, cost
+                improved = True
+        if not improved:
+            break
+    return current, True
+
+
+def calibrate(
+    *,
+    val_logits: torch.Tensor,
+    val_labels: torch.Tensor,
+    costs: StageCosts,
+    budget_fraction: float = 0.5,
+    confidence: str = "max_softmax",
+    num_candidates: int = 64,
+    passes: int = 4,
+) -> Calibration:
+    """Per-exit thresholds maximising VALIDATION accuracy with mean MACs <= budget x full-depth MACs.
+
+    Validation data only: `val_logits` [S, N, C] and `val_labels` [N] must come from the validation split,
+    never from test (keyword-only, so every call site names the split it passes). Report test results with
+    `evaluate_thresholds` afterwards. The reference is `costs.full_depth_baseline()` (the static model:
+    all blocks, last head only). Search: the best of `num_candidates` thresholds shared by all early exits,
+    then up to `passes` rounds of coordinate ascent setting each exit's threshold to its exact best (every
+    cut between that exit's confidences, or "never exit") given the others. If no setting meets the
+    budget, the cheapest one (everybody leaves at exit 0) is returned with feasible=False. The last exit's
+    threshold is never read; it is reported as 0.
+    """
+    p = _prepare(val_logits, val_labels, costs, confidence)
+    return _calibrate(p, costs.full_depth_baseline(), budget_fraction, num_candidates, passes)
+
+
+def _calibrate(p: _Prepared, base: int, budget_fraction: float, num_candidates: int, passes: int) -> Calibration:
+    if not budget_fraction > 0:
+        raise ValueError(f"budget_fraction must be > 0, got {budget_fraction}")
+    th, feasible = _search(p, budget_fraction * base, num_candidates, passes)
+    counts, macs, _ = _evaluate(p, th[None])
+    return Calibration(
+        thresholds=[float(t) for t in th],
+        val_accuracy=int(counts[0]) / p.num_samples,
+        val_macs=float(macs[0]),
+        fraction=float(macs[0]) / base,
+        budget_fraction=float(budget_fraction),
+        feasible=feasible,
+    )
+
+
+def sweep(
+    *,
+    val_logits: torch.Tensor,
+    val_labels: torch.Tensor,
+    costs: StageCosts,
+    budgets: Sequence[float] | None = None,
+    confidence: str = "max_softmax",
+    shared_points: int = 32,
+    num_candidates: int = 64,
+    passes: int = 4,
+) -> list[CurvePoint]:
+    """The validation accuracy-MACs curve: `calibrate` at each budget plus a shared-threshold sweep.
+
+    Validation data only (see `calibrate`). Points are sorted by MACs, duplicates removed; feed them to
+    `pareto_front` for the frontier. Default budgets: 0.05, 0.10, ..., 1.00 of full depth; infeasible
+    budgets give no point.
+    """
+    budgets = [round(0.05 * i, 4) for i in range(1, 21)] if budgets is None else list(budgets)
+    p = _prepare(val_logits, val_labels, costs, confidence)
+    base = costs.full_depth_baseline()
+    points: list[CurvePoint] = []
+    for b in budgets:
+        cal = _calibrate(p, base, float(b), num_candidates, passes)
+        if cal.feasible:
+            points.append(CurvePoint(cal.thresholds, cal.val_accuracy, cal.val_macs, cal.fraction, float(b)))
+    if p.num_exits > 1 and shared_points > 0:
+        grid = np.repeat(_shared_candidates(p.conf[:-1], shared_points)[:, None], p.num_exits, axis=1)
+        grid[:, -1] = ALWAYS
+        counts, macs, _ = _evaluate(p, grid)
+        for th, c, m in zip(grid, counts.tolist(), macs.tolist()):
+            points.append(CurvePoint([float(t) for t in th], c / p.num_samples, m, m / base))
+    seen, unique = set(), []
+    for pt in sorted(points, key=lambda q: (q.macs, -q.accuracy)):
+        key = (round(pt.macs, 6), pt.accuracy, tuple(pt.thresholds))
+        if key not in seen:
+            seen.add(key)
+            unique.append(pt)
+    return unique
+
+
+def evaluate_thresholds(
+    test_logits: torch.Tensor,
+    test_labels: torch.Tensor,
+    thresholds: torch.Tensor | Sequence[float],
+    costs: StageCosts,
+    confidence: str = "max_softmax",
+) -> Evaluation:
+    """Apply thresholds chosen on validation to held-out data: accuracy, mean MACs, exit shares."""
+    sim = simulate(test_logits, test_labels, thresholds, costs, confidence)
+    shares = torch.bincount(sim.exit_index.cpu(), minlength=costs.num_exits).double() / sim.exit_index.numel()
+    return Evaluation(sim.accuracy, sim.mean_macs, sim.mean_macs / costs.full_depth_baseline(), shares.tolist())

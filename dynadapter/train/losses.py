@@ -1,0 +1,114 @@
+"""Adaptive prioritization: per-exit loss weights that move over training, and the multi-exit loss they weight."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dynadapter.config import PriorityConfig
+
+SHAPES = ("linear", "cosine", "constant")
+
+
+class PrioritySchedule:
+    """λ_s(t) for exit s at training progress t ∈ [0, 1]: from `start` (t=0) to `end` (t=1).
+
+    shape: linear | cosine (half-cosine ease: flat at both ends, fastest in the middle) | constant (start only).
+    `start` / `end` None means every exit weighs 1.0.
+    """
+
+    def __init__(
+        self,
+        num_exits: int,
+        start: Sequence[float] | None = None,
+        end: Sequence[float] | None = None,
+        shape: str = "cosine",
+    ):
+        if num_exits < 1:
+            raise ValueError(f"num_exits must be >= 1, got {num_exits}")
+        if shape not in SHAPES:
+            raise ValueError(f"train.priority.shape must be one of {SHAPES}, got {shape!r}")
+        self.num_exits = num_exits
+        self.shape = shape
+        self.start = self._weights("start", start)
+        self.end = self._weights("end", end)
+
+    def _weights(self, field: str, values: Sequence[float] | None) -> list[float]:
+        if values is None:
+            return [1.0] * self.num_exits
+        values = [float(v) for v in values]
+        if len(values) != self.num_exits:
+            raise ValueError(
+                f"train.priority.{field} has {len(values)} weights but the model has {self.num_exits} exits: {values}"
+            )
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError(f"train.priority.{field} weights must be finite and >= 0, got {values}")
+        return values
+
+    @classmethod
+    def from_config(cls, cfg: PriorityConfig, num_exits: int) -> PrioritySchedule:
+        return cls(num_exits, cfg.start, cfg.end, cfg.shape)
+
+    def progress(self, t: float) -> float:
+        """Fraction of the way from start to end at progress t (t clamped to [0, 1])."""
+        t = min(1.0, max(0.0, float(t)))
+        if self.shape == "constant":
+            return 0.0
+        if self.shape == "linear":
+            return t
+        return 0.5 * (1.0 - math.cos(math.pi * t))
+
+    def weights(self, t: float) -> list[float]:
+        a = self.progress(t)
+        return [s + (e - s) * a for s, e in zip(self.start, self.end)]
+
+    __call__ = weights
+
+    def __repr__(self) -> str:
+        return f"PrioritySchedule(num_exits={self.num_exits}, start={self.start}, end={self.end}, shape={self.shape!r})"
+
+
+def as_logits_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A model's output as a list of per-exit logits (a plain classifier is a single exit)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return list(out)
+
+
+def multi_exit_loss(
+    logits_list: torch.Tensor | Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    distill: float = 0.0,
+    temperature: float = 2.0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Σ_s λ_s·CE(ŷ_s, y)  [+ distill · Σ_{s<S-1} T²·KL(softmax(ŷ_S/T) ‖ softmax(ŷ_s/T)), teacher detached].
+
+    Returns the loss and each exit's (detached) cross-entropy. The weights are not normalised: their sum is
+    part of what the tuner searches. One exit (full-depth baseline, plain classifier) gives λ_0·CE.
+    """
+    logits = as_logits_list(logits_list)
+    if not logits:
+        raise ValueError("multi_exit_loss needs at least one exit's logits")
+    if weights is None:
+        weights = [1.0] * len(logits)
+    if len(weights) != len(logits):
+        raise ValueError(f"{len(weights)} loss weights for {len(logits)} exits (train.priority.start/end)")
+    if distill < 0 or temperature <= 0:
+        raise ValueError(f"need distill >= 0 and temperature > 0, got distill={distill}, temperature={temperature}")
+
+    # Loss maths in fp32 whatever the autocast / engine dtype: CE of bf16 logits loses too much.
+    ces = [F.cross_entropy(z.float(), targets) for z in logits]
+    loss = sum(w * ce for w, ce in zip(weights, ces))
+    if distill > 0 and len(logits) > 1:
+        t = float(temperature)
+        teacher = F.log_softmax(logits[-1].detach().float() / t, dim=-1)
+        kl = sum(
+            F.kl_div(F.log_softmax(z.float() / t, dim=-1), teacher, reduction="batchmean", log_target=True)
+            for z in logits[:-1]
+        )
+        loss = loss + distill * (t * t) * kl
+    return loss, [ce.detach() for ce in ces]

@@ -1,0 +1,102 @@
+"""DVC stage `train`: per task, the Dyn-Adapter model with the tuned parameters and its full-depth baseline."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from dynadapter.config import ConfigError, Params, load_params
+from pipelines.common import epoch_printer, load_stage_params, save_stage_config, stage_parser
+
+DESCRIPTION = """Train the final models, one pair per task in base.tasks:
+
+  dyn       base.model (PETL method + early-exit heads) trained with the `train` section, overridden by
+            the tuned values in --best (the tune stage's best_params.yaml) when that file exists;
+  baseline  the same PETL module at full depth without exits (the paper's comparison), same training budget.
+
+Both train on train800 with model selection on val200 only; test is not read here. Each run checkpoints
+after every epoch (<paths.models>/checkpoints/train/) and resumes after an interruption.
+Outputs: <paths.models>/tasks/<task>/{dyn,baseline}/ (PETL + head weights and the config that rebuilds the
+model on the backbone), <paths.outputs>/train/{metrics.json,train_config.yaml}."""
+
+VARIANTS = ("dyn", "baseline")
+
+
+def best_overrides(path: str | Path | None) -> list[str]:
+    """`key.path=value` overrides from a best_params.yaml (a mapping of dotted keys to values); none if absent."""
+    if path is None or not Path(path).is_file():
+        return []
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of dotted params keys to values")
+    return [f"{k}={json.dumps(v)}" for k, v in data.items()]
+
+
+def variant_model(params: Params, variant: str):
+    """The model config of a variant: the configured one, or the same PETL module at full depth, no exits."""
+    if variant == "dyn":
+        return params.base.model
+    return params.base.model.model_copy(update={"early_exit": False, "exits": None})
+
+
+def run(params: Params, stdout=sys.stdout) -> dict:
+    from dynadapter.adapt import load_task_for, save_trained, train_task
+    from dynadapter.train.pretrain import backbone_checkpoint
+
+    base, cfg = params.base, params.train
+    checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
+    models_dir = Path(base.paths.models)
+    summary: dict = {"tasks": {}}
+    for task in base.tasks:
+        data = load_task_for(base, task)
+        summary["tasks"][task] = {}
+        for variant in VARIANTS:
+            model_cfg = variant_model(params, variant)
+            trained, model = train_task(
+                task, data, base.backbone, model_cfg, cfg, checkpoint, seed=base.seed,
+                checkpoint_path=models_dir / "checkpoints" / "train" / f"{task}-{variant}.pt",
+                on_epoch_end=epoch_printer(f"train {task}/{variant}", cfg.epochs),
+            )
+            save_trained(model, trained, models_dir / "tasks" / task / variant, backbone_cfg=base.backbone,
+                         model_cfg=model_cfg, num_classes=data.num_classes)
+            best = trained.history[trained.best_epoch - 1]
+            summary["tasks"][task][variant] = {
+                "val_acc_mean": best["val_acc_mean"],
+                "val_acc_last": best["val_acc_last"],
+                "best_epoch": trained.best_epoch,
+                "trainable_params": trained.params["trainable"],
+                "step_ms": round(1000 * trained.step_seconds, 2),
+                "train_seconds": round(trained.train_seconds, 1),
+            }
+            print(f"train {task}/{variant}: val acc (last exit) {best['val_acc_last']:.4f}", file=stdout)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("train", DESCRIPTION)
+    parser.add_argument("--best", default="outputs/tune/best_params.yaml",
+                        help="tuned overrides from the tune stage (default: %(default)s; ignored if absent)")
+    args = parser.parse_args(argv)
+    try:
+        args.overrides = best_overrides(args.best) + list(args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    params = load_stage_params(args)
+    out_dir = Path(params.base.paths.outputs) / "train"
+    start = time.perf_counter()
+    summary = run(params)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_stage_config(params, "train", out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"train: done in {summary['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

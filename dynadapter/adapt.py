@@ -178,12 +178,13 @@ def adapt_task(
     budget: float = 0.5,
     seed: int = 0,
     throughput_batch: int = 0,
+    repeats: int = 5,
     **train_kwargs,
 ) -> tuple[TaskResult, DynAdapterViT]:
     """train_task then evaluate_task: the whole measurement of one method on one task."""
     trained, model = train_task(task, data, backbone_cfg, model_cfg, train_cfg, checkpoint, seed=seed,
                                 **train_kwargs)
-    evaluated = evaluate_task(model, data, budget=budget, throughput_batch=throughput_batch)
+    evaluated = evaluate_task(model, data, budget=budget, throughput_batch=throughput_batch, repeats=repeats)
     return TaskResult(trained, evaluated), model
 
 

@@ -260,24 +260,18 @@ def _best_at_exit(p: _Prepared, current: np.ndarray, s: int, limit: float) -> tu
     return th, int(counts[k]), float(macs[k])
 
 
-def _search(p: _Prepared, limit: float, num_candidates: int, passes: int) -> tuple[np.ndarray, bool]:
-    s_count = p.num_exits
-    if s_count == 1:
-        return np.full(1, ALWAYS, dtype=np.float32), bool(p.cum[0] <= limit)
-    if p.cum[0] > limit:  # even leaving everyone at exit 0 is over budget: cheapest setting, flagged
-        return np.full(s_count, ALWAYS, dtype=np.float32), False
+LADDER_STEPS = 100  # search limits at every 1% of full depth: the candidate settings do not depend on the budget
 
-    # 1) one threshold shared by every early exit
-    grid = np.repeat(_shared_candidates(p.conf[:-1], num_candidates)[:, None], s_count, axis=1)
-    grid[:, -1] = ALWAYS
-    counts, macs, _ = _evaluate(p, grid)
-    k = _best(counts, macs, limit)  # never None: threshold 0 (everybody at exit 0) fits, checked above
-    current, cur_count, cur_macs = grid[k].copy(), int(counts[k]), float(macs[k])
 
-    # 2) coordinate ascent: each early exit's threshold set to its exact best given the others
+def _ascend(p: _Prepared, start: np.ndarray, limit: float, passes: int) -> tuple[np.ndarray, int, float]:
+    """Coordinate ascent from a setting within `limit`: each early exit's threshold set to its exact best
+    given the others, for up to `passes` rounds."""
+    current = start.copy()
+    counts, macs, _ = _evaluate(p, current[None])
+    cur_count, cur_macs = int(counts[0]), float(macs[0])
     for _ in range(passes):
         improved = False
-        for s in range(s_count - 1):
+        for s in range(p.num_exits - 1):
             found = _best_at_exit(p, current, s, limit)
             if found is None:
                 continue
@@ -287,7 +281,32 @@ def _search(p: _Prepared, limit: float, num_candidates: int, passes: int) -> tup
                 improved = True
         if not improved:
             break
-    return current, True
+    return current, cur_count, cur_macs
+
+
+def _candidates(p: _Prepared, base: int, num_candidates: int, passes: int) -> np.ndarray:
+    """Every setting the search finds, [K, S], for a ladder of limits that does not depend on any budget.
+
+    1) `num_candidates` thresholds shared by all early exits (from "everybody leaves at exit 0" to "nobody
+    leaves early"); 2) at each limit of 1%, 2%, ... of `base` (up to the cost of running every exit),
+    coordinate ascent from the best shared setting within it. A budget then picks the most accurate
+    candidate within it, so a larger budget can never pick a less accurate one (searching at the budget
+    itself could: coordinate ascent reaches different local optima from different limits).
+    """
+    s_count = p.num_exits
+    if s_count == 1:
+        return np.full((1, 1), ALWAYS, dtype=np.float32)
+    grid = np.repeat(_shared_candidates(p.conf[:-1], num_candidates)[:, None], s_count, axis=1)
+    grid[:, -1] = ALWAYS
+    counts, macs, _ = _evaluate(p, grid)
+    found = [grid]
+    for k in range(1, int(np.ceil(max(p.cum[-1], base) / base * LADDER_STEPS)) + 1):
+        limit = (k / LADDER_STEPS) * base  # k / 100, not k * 0.01: budgets like 0.35 land exactly on a step
+        j = _best(counts, macs, limit)
+        if j is None:  # even leaving everyone at exit 0 is over this limit
+            continue
+        found.append(_ascend(p, grid[j], limit, passes)[0][None])
+    return np.unique(np.concatenate(found).astype(np.float32), axis=0)
 
 
 def calibrate(
@@ -306,19 +325,24 @@ def calibrate(
     never from test (keyword-only, so every call site names the split it passes). Report test results with
     `evaluate_thresholds` afterwards. The reference is `costs.full_depth_baseline()` (the static model:
     all blocks, last head only). Search: the best of `num_candidates` thresholds shared by all early exits,
-    then up to `passes` rounds of coordinate ascent setting each exit's threshold to its exact best (every
-    cut between that exit's confidences, or "never exit") given the others. If no setting meets the
-    budget, the cheapest one (everybody leaves at exit 0) is returned with feasible=False. The last exit's
-    threshold is never read; it is reported as 0.
+    refined by up to `passes` rounds of coordinate ascent (each exit's threshold set to its exact best given
+    the others) at limits of every 1% of full depth; the most accurate of these settings within the budget
+    wins (ties: the cheapest). The candidates do not depend on the budget, so a larger budget never gives a
+    lower validation accuracy. If no setting meets the budget, the cheapest one (everybody leaves at exit
+    0) is returned with feasible=False. The last exit's threshold is never read; it is reported as 0.
     """
     p = _prepare(val_logits, val_labels, costs, confidence)
-    return _calibrate(p, costs.full_depth_baseline(), budget_fraction, num_candidates, passes)
+    base = costs.full_depth_baseline()
+    return _calibrate(p, base, budget_fraction, _candidates(p, base, num_candidates, passes))
 
 
-def _calibrate(p: _Prepared, base: int, budget_fraction: float, num_candidates: int, passes: int) -> Calibration:
+def _calibrate(p: _Prepared, base: int, budget_fraction: float, candidates: np.ndarray) -> Calibration:
     if not budget_fraction > 0:
         raise ValueError(f"budget_fraction must be > 0, got {budget_fraction}")
-    th, feasible = _search(p, budget_fraction * base, num_candidates, passes)
+    counts, macs, _ = _evaluate(p, candidates)
+    k = _best(counts, macs, budget_fraction * base)
+    feasible = k is not None
+    th = candidates[k] if feasible else np.full(p.num_exits, ALWAYS, dtype=np.float32)
     counts, macs, _ = _evaluate(p, th[None])
     return Calibration(
         thresholds=[float(t) for t in th],
@@ -350,9 +374,10 @@ def sweep(
     budgets = [round(0.05 * i, 4) for i in range(1, 21)] if budgets is None else list(budgets)
     p = _prepare(val_logits, val_labels, costs, confidence)
     base = costs.full_depth_baseline()
+    candidates = _candidates(p, base, num_candidates, passes)
     points: list[CurvePoint] = []
     for b in budgets:
-        cal = _calibrate(p, base, float(b), num_candidates, passes)
+        cal = _calibrate(p, base, float(b), candidates)
         if cal.feasible:
             points.append(CurvePoint(cal.thresholds, cal.val_accuracy, cal.val_macs, cal.fraction, float(b)))
     if p.num_exits > 1 and shared_points > 0:

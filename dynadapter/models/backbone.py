@@ -53,6 +53,27 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _check_npz_depth(model: VisionTransformer, path: Path) -> None:
+    import re
+
+    import numpy as np
+
+    try:
+        with np.load(path) as w:
+            blocks = {int(m.group(1)) for k in w.files if (m := re.search(r"Transformer/encoderblock_(\d+)/", k))}
+            stacked = [k for k in w.files if k.endswith("Transformer/encoderblock/LayerNorm_0/scale")]
+            depth = max(blocks) + 1 if blocks else (int(w[stacked[0]].shape[0]) if stacked else None)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
+    own = len(model.blocks)
+    if depth is not None and depth != own:
+        kind, first, last = ("unexpected", own, depth - 1) if depth > own else ("missing", depth, own - 1)
+        raise CheckpointError(
+            f"{path}: .npz weights do not fit {type(model).__name__}: checkpoint has {depth} blocks, model {own}; "
+            f"{kind} keys Transformer/encoderblock_{first}/... to encoderblock_{last}/..."
+        )
+
+
 def load_backbone_weights(model: VisionTransformer, path: str | Path) -> None:
     """Load local weights strictly (classifier keys ignored); errors list missing/unexpected keys and shapes."""
     path = Path(path)
@@ -63,6 +84,7 @@ def load_backbone_weights(model: VisionTransformer, path: str | Path) -> None:
     if path.suffix.lower() == ".npz":  # big_vision / original JAX ViT weights
         from timm.models.vision_transformer import _load_weights
 
+        _check_npz_depth(model, path)  # timm reads only the model's blocks: a deeper file would load silently
         try:
             _load_weights(model, str(path))
         except Exception as err:

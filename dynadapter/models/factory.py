@@ -21,8 +21,8 @@ def resolve_exits(cfg: ModelConfig, depth: int) -> list[int]:
         if cfg.exits[-1] > depth:
             raise ValueError(f"base.model.exits {cfg.exits} go beyond the backbone depth {depth}")
         return list(cfg.exits)
-    step = max(1, depth // 4)
-    return sorted({min(depth, step * i) for i in range(1, 5)} | {depth})
+    # four exits at the quarters of the depth (rounded), fewer only when the backbone has fewer blocks
+    return sorted({max(1, round(depth * i / 4)) for i in range(1, 5)})
 
 
 def stage_dropout(sparsity: SparsityConfig | None, num_stages: int) -> list[float]:
@@ -35,14 +35,14 @@ def stage_dropout(sparsity: SparsityConfig | None, num_stages: int) -> list[floa
     return [max(0.0, sparsity.p_max - span * s / (num_stages - 1)) for s in range(num_stages)]
 
 
-def head_widths(cfg: ModelConfig, num_exits: int, dim: int) -> list[int]:
+def head_widths(cfg: ModelConfig, num_exits: int, dim: int, num_classes: int | None = None) -> list[int]:
     if not cfg.heads.balanced:
         return [0] * num_exits
     if cfg.heads.hidden is not None:
         if len(cfg.heads.hidden) != num_exits:
             raise ValueError(f"base.model.heads.hidden has {len(cfg.heads.hidden)} widths for {num_exits} exits")
         return list(cfg.heads.hidden)
-    return balanced_widths(num_exits, dim)
+    return balanced_widths(num_exits, dim, num_classes)
 
 
 def build_model(
@@ -68,7 +68,7 @@ def build_model(
     petl = create_petl(model_cfg.petl)
     if petl is not None:
         petl.inject(vit, block_rates)
-    widths = head_widths(model_cfg, len(exits), vit.embed_dim)
+    widths = head_widths(model_cfg, len(exits), vit.embed_dim, num_classes)
     heads = nn.ModuleList(ExitHead(vit.embed_dim, num_classes, h, rates[s]) for s, h in enumerate(widths))
     model = DynAdapterViT(vit, exits, heads, model_cfg.confidence)
     model.petl = petl  # plain attribute (not a module): used for merge / counting

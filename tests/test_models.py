@@ -1,0 +1,365 @@
+"""Contracts of dynadapter.models: shapes and trainable sets per PETL method, merges, heads, exits, sparsity,
+and strict backbone loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import save_file
+
+from dynadapter.config import BaseSection, HeadsConfig, ModelConfig, SparsityConfig
+from dynadapter.inference import measure_stage_costs
+from dynadapter.models import (
+    CheckpointError,
+    DynAdapterViT,
+    build_model,
+    count_parameters,
+    create_backbone,
+    load_backbone_weights,
+    merge_petl,
+    resolve_exits,
+    stage_dropout,
+)
+from dynadapter.models.heads import ExitHead
+from dynadapter.models.petl import PetlMethod, PetlModule
+from helpers import PETL_METHODS, backbone_cfg, images, one_thread, randomize_petl, tiny_model  # noqa: F401
+
+# ------------------------------------------------------------------------ shapes and what trains, per method
+
+MODEL_CASES = [(m, ee) for m in PETL_METHODS + ["linear_probe", "full_finetune"] for ee in (True, False)]
+
+
+@pytest.mark.parametrize("method,early_exit", MODEL_CASES)
+def test_forward_shapes_and_trainable_parameters(method, early_exit):
+    model = tiny_model(method, early_exit=early_exit, num_classes=7)
+    depth = len(model.backbone.blocks)
+    assert model.exits == ([1, 2, 3, 4] if early_exit else [depth])
+
+    out = model(images(3))
+    assert isinstance(out, list) and len(out) == len(model.exits)
+    assert all(o.shape == (3, 7) for o in out)
+
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    heads = {id(p) for p in model.heads.parameters()}
+    branch = {id(p) for p in PetlMethod.branch_parameters(model.backbone)}
+    frozen_backbone = [
+        n for n, p in model.backbone.named_parameters() if id(p) not in branch and p.requires_grad
+    ]
+    counts = count_parameters(model)
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["heads"] == sum(p.numel() for p in model.heads.parameters())
+    assert counts["petl"] == sum(p.numel() for p in PetlMethod.branch_parameters(model.backbone))
+    assert counts["backbone"] == sum(p.numel() for p in model.backbone.parameters()) - counts["petl"]
+
+    if method in PETL_METHODS:
+        assert branch and trainable == heads | branch  # exactly PETL branches + heads
+        assert frozen_backbone == []
+        assert counts["trainable"] == counts["heads"] + counts["petl"]
+        assert 0 < counts["petl"] < counts["backbone"] / 5
+        # a zero-initialised branch is an exact no-op: same logits as the bare backbone with the same heads
+        probe = tiny_model("linear_probe", early_exit=early_exit, num_classes=7)
+        probe.load_state_dict(_strip_branches(model.state_dict()))
+        model.eval(), probe.eval()
+        for a, b in zip(model(images(3)), probe(images(3))):
+            torch.testing.assert_close(a, b)
+    elif method == "linear_probe":
+        assert not branch and trainable == heads
+        assert counts["trainable"] == counts["heads"] and counts["petl"] == 0
+    else:  # full_finetune: everything trains
+        assert not branch and all(p.requires_grad for p in model.parameters())
+        assert counts["trainable"] == sum(p.numel() for p in model.parameters())
+
+
+def _strip_branches(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PETL model's state dict in the plain model's key space: wrapped `.base.` modules, branches dropped."""
+    out = {}
+    for k, v in state.items():
+        if any(f".{b}." in k for b in ("down", "up")):
+            continue
+        out[k.replace(".base.", ".")] = v
+    return out
+
+
+@pytest.mark.parametrize("method", PETL_METHODS)
+def test_backward_reaches_only_trainable_parameters(method):
+    model = tiny_model(method)
+    randomize_petl(model)
+    sum(o.logsumexp(-1).sum() for o in model(images(4))).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+# --------------------------------------------------------------------------------------------------- merge
+
+MERGE_CASES = [
+    # method, merged modules (depth 4), mergeable
+    ("lora", 4, True),  # qkv of each block
+    ("rep_adapter", 8, True),  # qkv and fc1 of each block
+    ("adapter", 0, False),  # non-linear branch: merge_petl leaves the model as it is
+]
+
+
+@pytest.mark.parametrize("method,merged,mergeable", MERGE_CASES)
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_merge_equivalence_and_cost(method, merged, mergeable, early_exit):
+    model = tiny_model(method, early_exit=early_exit).eval()
+    plain = tiny_model("linear_probe", early_exit=early_exit).eval()
+    assert randomize_petl(model) > 0
+    x = images(6, seed=1)
+    before = [o.clone() for o in model(x)]
+    costs_before = measure_stage_costs(model)
+    plain_costs = measure_stage_costs(plain)
+    assert costs_before.stages[0] > plain_costs.stages[0]  # an unmerged branch costs MACs
+
+    assert merge_petl(model) == merged
+    after = model(x)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+        assert a.abs().max() > 1e-2  # not trivially equal
+    remaining = [m for m in model.modules() if isinstance(m, PetlModule)]
+    costs_after = measure_stage_costs(model)
+    if mergeable:
+        assert remaining == []
+        assert costs_after == plain_costs  # zero extra MACs: the merged model is the plain ViT
+        assert count_parameters(model)["backbone"] == count_parameters(plain)["backbone"]
+        assert all(not p.requires_grad for p in model.backbone.parameters())
+    else:
+        assert len(remaining) == len(model.backbone.blocks)
+        assert costs_after == costs_before
+    # the branch must have mattered, or the equivalence above proves nothing
+    fresh = tiny_model(method, early_exit=early_exit).eval()
+    assert not torch.allclose(fresh(x)[-1], before[-1], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------ heads and exit lists
+
+HEAD_CASES = [
+    # dim, num_classes, exits (None: default), depth
+    (32, 5, None, 4),
+    (32, 100, None, 4),  # many classes: a narrow hidden layer would be lighter than LN + Linear
+    (32, 10, [1, 2, 3, 4, 5, 6, 7, 8], 8),  # many exits: widths halve down to tiny bottlenecks
+    (24, 3, [2, 4], 4),
+]
+
+
+@pytest.mark.parametrize("dim,num_classes,exits,depth", HEAD_CASES)
+def test_balanced_heads_heavier_early(dim, num_classes, exits, depth):
+    model = tiny_model("adapter", num_classes=num_classes, exits=exits, embed_dim=dim, depth=depth)
+    widths = [h.hidden for h in model.heads]
+    sizes = [sum(p.numel() for p in h.parameters()) for h in model.heads]
+    head_macs = measure_stage_costs(model).heads
+    assert widths[0] > 0 and widths[-1] == 0  # heaviest first, the light LN + Linear head last
+    assert widths == sorted(widths, reverse=True)
+    assert sizes == sorted(sizes, reverse=True), sizes
+    assert head_macs == sorted(head_macs, reverse=True), head_macs
+    assert sizes[0] > sizes[-1]
+
+    flat = tiny_model(
+        "adapter", num_classes=num_classes, exits=exits, embed_dim=dim, depth=depth,
+        heads=HeadsConfig(balanced=False),
+    )
+    assert [h.hidden for h in flat.heads] == [0] * len(flat.exits)
+    assert len({sum(p.numel() for p in h.parameters()) for h in flat.heads}) == 1
+
+
+def test_explicit_head_widths():
+    model = tiny_model("lora", heads=HeadsConfig(hidden=[16, 8, 0, 4]))
+    assert [h.hidden for h in model.heads] == [16, 8, 0, 4]
+    assert isinstance(model.heads[1], ExitHead) and model.heads[1].fc.in_features == 8
+    with pytest.raises(ValueError, match="heads.hidden"):
+        tiny_model("lora", heads=HeadsConfig(hidden=[16, 8]))
+    with pytest.raises(ValidationError, match="hidden"):
+        HeadsConfig(hidden=[8, -1])
+
+
+@pytest.mark.parametrize("depth,expected", [(4, [1, 2, 3, 4]), (8, [2, 4, 6, 8]), (12, [3, 6, 9, 12]),
+                                            (6, [2, 3, 4, 6]), (10, [2, 5, 8, 10]), (2, [1, 2])])
+def test_default_exits_every_quarter(depth, expected):
+    assert resolve_exits(ModelConfig(), depth) == expected
+    assert resolve_exits(ModelConfig(early_exit=False), depth) == [depth]
+    assert resolve_exits(ModelConfig(exits=[1, depth]), depth) == [1, depth]
+
+
+BAD_EXITS = [
+    # exits, where it is rejected, message fragment
+    ([3, 2], "config", "strictly increasing"),
+    ([2, 2], "config", "strictly increasing"),
+    ([0, 2], "config", "strictly increasing"),
+    ([], "config", "at least one"),
+    ([2, 5], "factory", "beyond the backbone depth"),
+    ([2, 5], "base", "beyond the backbone depth"),
+    ([3, 1], "model", "strictly increasing"),
+    ([1, 9], "model", "strictly increasing"),
+]
+
+
+@pytest.mark.parametrize("exits,where,message", BAD_EXITS)
+def test_invalid_exit_lists_rejected(exits, where, message):
+    if where == "config":
+        with pytest.raises(ValidationError, match=message):
+            ModelConfig(exits=exits)
+    elif where == "base":
+        with pytest.raises(ValidationError, match=message):
+            BaseSection(backbone=backbone_cfg(), model=ModelConfig(exits=exits))
+    elif where == "factory":
+        with pytest.raises(ValueError, match=message):
+            build_model(backbone_cfg(), ModelConfig(exits=exits), num_classes=3)
+    else:  # the model itself refuses what a config never validated
+        vit = create_backbone(backbone_cfg())
+        heads = torch.nn.ModuleList(ExitHead(32, 3) for _ in exits)
+        with pytest.raises(ValueError, match=message):
+            DynAdapterViT(vit, exits, heads)
+
+
+# ------------------------------------------------------------------------------------- forward sparsity
+
+SPARSITY_CASES = [
+    # sparsity, exits, depth, expected per-block rates
+    (SparsityConfig(p_max=0.4, p_min=0.1), None, 4, [0.4, 0.3, 0.2, 0.1]),
+    (SparsityConfig(p_max=0.3, p_min=0.0), None, 8, [0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0]),
+    (SparsityConfig(p_max=0.5, p_min=0.1), [1, 4], 4, [0.5, 0.1, 0.1, 0.1]),
+    (SparsityConfig(p_max=0.4, p_min=0.4), None, 4, [0.4] * 4),
+    (SparsityConfig(forward=False, p_max=0.4, p_min=0.1), None, 4, [0.0] * 4),
+    (None, None, 4, [0.0] * 4),
+]
+
+
+@pytest.mark.parametrize("method", PETL_METHODS)
+@pytest.mark.parametrize("sparsity,exits,depth,expected", SPARSITY_CASES)
+def test_forward_sparsity_falls_with_depth(method, sparsity, exits, depth, expected):
+    model = tiny_model(method, sparsity=sparsity, exits=exits, depth=depth)
+    per_block = []
+    for block in model.backbone.blocks:
+        ps = {m.drop.p for m in block.modules() if isinstance(m, PetlModule)}
+        assert len(ps) == 1  # Rep-Adapter's two branches in a block share the rate
+        per_block.append(ps.pop())
+    assert per_block == pytest.approx(expected)
+    assert per_block == sorted(per_block, reverse=True)
+    head_rates = [[m.p for m in h.modules() if isinstance(m, torch.nn.Dropout)] for h in model.heads]
+    stage_first_block = [0] + model.exits[:-1]
+    for rates, b in zip(head_rates, stage_first_block):
+        assert rates and all(r == pytest.approx(expected[b]) for r in rates)
+    n = len(model.exits)
+    assert stage_dropout(sparsity, n) == pytest.approx([expected[b] for b in stage_first_block])
+
+
+def test_stage_dropout_endpoints():
+    rates = stage_dropout(SparsityConfig(p_max=0.3, p_min=0.05), 6)
+    assert rates[0] == pytest.approx(0.3) and rates[-1] == pytest.approx(0.05)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert stage_dropout(SparsityConfig(p_max=0.3, p_min=0.05), 1) == [0.3]
+    with pytest.raises(ValidationError, match="p_min"):
+        SparsityConfig(p_max=0.1, p_min=0.2)
+
+
+# -------------------------------------------------------------------------------------- backbone loading
+
+
+def _vit_to_npz(vit) -> dict[str, np.ndarray]:
+    """The original JAX ViT (.npz) layout that timm's `_load_weights` reads, from a timm ViT."""
+    d = vit.embed_dim
+    heads = vit.blocks[0].attn.num_heads
+    t = lambda x: x.detach().numpy()  # noqa: E731
+    w = {
+        "embedding/kernel": t(vit.patch_embed.proj.weight.permute(2, 3, 1, 0)),
+        "embedding/bias": t(vit.patch_embed.proj.bias),
+        "cls": t(vit.cls_token),
+        "Transformer/posembed_input/pos_embedding": t(vit.pos_embed),
+        "Transformer/encoder_norm/scale": t(vit.norm.weight),
+        "Transformer/encoder_norm/bias": t(vit.norm.bias),
+    }
+    for i, blk in enumerate(vit.blocks):
+        p = f"Transformer/encoderblock_{i}/"
+        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = t(blk.norm1.weight), t(blk.norm1.bias)
+        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = t(blk.norm2.weight), t(blk.norm2.bias)
+        for name, wq, bq in zip(("query", "key", "value"), blk.attn.qkv.weight.chunk(3), blk.attn.qkv.bias.chunk(3)):
+            w[p + f"MultiHeadDotProductAttention_1/{name}/kernel"] = t(wq.T.reshape(d, heads, -1))
+            w[p + f"MultiHeadDotProductAttention_1/{name}/bias"] = t(bq.reshape(heads, -1))
+        out_kernel = blk.attn.proj.weight.reshape(d, heads, -1).permute(1, 2, 0)  # [heads, head_dim, D]
+        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = t(out_kernel)
+        w[p + "MultiHeadDotProductAttention_1/out/bias"] = t(blk.attn.proj.bias)
+        for r, fc in enumerate((blk.mlp.fc1, blk.mlp.fc2)):
+            w[p + f"MlpBlock_3/Dense_{r}/kernel"] = t(fc.weight.T)
+            w[p + f"MlpBlock_3/Dense_{r}/bias"] = t(fc.bias)
+    return w
+
+
+def _save(vit, path, wrap: str | None = None) -> None:
+    if path.suffix == ".npz":
+        np.savez(path, **_vit_to_npz(vit))
+        return
+    state = {k: v.detach().clone().contiguous() for k, v in vit.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    elif wrap == "deepspeed":
+        torch.save({"module": {f"module.{k}": v for k, v in state.items()}}, path)
+    else:
+        torch.save(state, path)
+
+
+LOAD_CASES = [
+    # suffix, checkpoint's architecture overrides (vs TINY), expected error fragments (None: loads exactly)
+    (".safetensors", {}, None),
+    (".pth", {}, None),
+    (".npz", {}, None),
+    (".safetensors", {"depth": 6}, ["unexpected keys", "blocks.4.attn.qkv.weight"]),
+    (".safetensors", {"depth": 2}, ["missing keys", "blocks.2.attn.qkv.weight"]),
+    (".safetensors", {"embed_dim": 24}, ["shape mismatches", "blocks.0.attn.qkv.weight", "(72, 24) vs model (96, 32)"]),
+    (".pth", {"depth": 6}, ["unexpected keys", "blocks.5.attn.qkv.weight"]),
+    (".pth", {"depth": 3}, ["missing keys", "blocks.3.norm1.weight"]),
+    (".pth", {"embed_dim": 24, "depth": 5}, ["shape mismatches", "unexpected keys", "blocks.4.norm1.weight"]),
+    (".npz", {"depth": 3}, ["encoderblock_3"]),
+    (".npz", {"depth": 6}, ["encoderblock_4"]),
+    (".npz", {"embed_dim": 24}, ["do not fit"]),
+]
+
+
+@pytest.mark.parametrize("suffix,arch,errors", LOAD_CASES)
+def test_backbone_checkpoint_loading(tmp_path, suffix, arch, errors):
+    torch.manual_seed(1)
+    source = create_backbone(backbone_cfg(**arch))
+    path = tmp_path / f"vit{suffix}"
+    _save(source, path)
+    torch.manual_seed(2)
+    target = create_backbone(backbone_cfg())
+    if errors is None:
+        load_backbone_weights(target, path)
+        src = source.state_dict()
+        for k, v in target.state_dict().items():
+            assert torch.allclose(v, src[k], atol=1e-6 if suffix == ".npz" else 0), k
+        # the same through the config, into a full model whose forward uses them
+        model = build_model(backbone_cfg(), ModelConfig(), num_classes=3, checkpoint=path)
+        assert torch.equal(model.backbone.pos_embed, target.pos_embed)
+        return
+    untouched = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        load_backbone_weights(target, path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in errors:
+        assert fragment in message, message
+    if suffix != ".npz":  # the strict path checks everything before it copies anything
+        assert all(torch.equal(v, untouched[k]) for k, v in target.state_dict().items())
+
+
+def test_checkpoint_wrappers_and_bad_files(tmp_path):
+    source = create_backbone(backbone_cfg())
+    wrapped = tmp_path / "ds.pt"
+    _save(source, wrapped, wrap="deepspeed")  # {"module": {"module.<key>": ...}}
+    target = create_backbone(backbone_cfg())
+    load_backbone_weights(target, wrapped)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+
+    with pytest.raises(CheckpointError, match="not found"):
+        load_backbone_weights(target, tmp_path / "missing.pth")
+    (tmp_path / "w.ckpt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="unsupported checkpoint type"):
+        load_backbone_weights(target, tmp_path / "w.ckpt")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_backbone_weights(target, tmp_path / "junk.safetensors")

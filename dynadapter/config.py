@@ -43,7 +43,7 @@ class BackboneConfig(Section):
         "embedded default backbone on the procedural upstream set.",
     )
     overrides: dict[str, Any] = Field(
-        default_factory=lambda: {"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 12, "num_heads": 3},
+        default_factory=lambda: {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 12, "num_heads": 2},
         description="Keyword arguments passed to timm.create_model (architecture only).",
     )
 
@@ -186,7 +186,7 @@ class OptimConfig(Section):
 
 
 class PretrainConfig(OptimConfig):
-    epochs: int = Field(6, gt=0, description="Upstream pretraining epochs.")
+    epochs: int = Field(12, gt=0, description="Upstream pretraining epochs.")
     batch_size: int = Field(128, gt=0, description="Batch size.")
     lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")

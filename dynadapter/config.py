@@ -236,6 +236,107 @@ class EvaluateConfig(Section):
     throughput_repeats: int = Field(5, ge=1, description="Timed repeats (the median is reported).")
 
 
+# ------------------------------------------------------------------------------------------------- tune
+
+Range = list[float]  # [low, high]; low == high fixes the value
+
+
+def _check_range(v: Range | None, lo: float, hi: float | None, hi_open: bool = False) -> None:
+    """A [low, high] search range inside [lo, hi] (hi excluded when hi_open); pydantic prefixes the key."""
+    if v is None:
+        return
+    if len(v) != 2 or v[0] > v[1]:
+        raise ValueError(f"expected [low, high] with low <= high, got {v}")
+    above = (v[1] >= hi if hi_open else v[1] > hi) if hi is not None else False
+    if v[0] < lo or above:
+        bound = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"range {v} must lie in {bound}")
+
+
+class SearchSpaceConfig(Section):
+    """What Ray Tune samples per trial; a key set to null is not searched (its `train` value is used)."""
+
+    p_max: Range | None = Field([0.0, 0.4], description="train.sparsity.p_max range (uniform).")
+    p_min: Range | None = Field(
+        [0.0, 0.2], description="train.sparsity.p_min range (uniform); a draw above the trial's p_max is "
+        "clipped to it, since dropout must not rise with depth.")
+    q: Range | None = Field([0.0, 0.3], description="train.sparsity.q range (uniform).")
+    priority_start: Range | list[Range] | None = Field(
+        [0.5, 2.0], description="train.priority.start: one [low, high] range for every exit (each drawn "
+        "independently), or one range per exit.")
+    priority_end: Range | list[Range] | None = Field(
+        [0.5, 2.0], description="train.priority.end, as priority_start.")
+    lr: Range | None = Field(None, description="train.lr range (log-uniform); null: not searched.")
+
+    @field_validator("p_max", "p_min", "q")
+    @classmethod
+    def _rates(cls, v: Range | None) -> Range | None:
+        _check_range(v, 0.0, 1.0, hi_open=True)
+        return v
+
+    @field_validator("priority_start", "priority_end")
+    @classmethod
+    def _weights(cls, v: Range | list[Range] | None) -> Range | list[Range] | None:
+        for r in v if v and isinstance(v[0], list) else [v]:
+            _check_range(r, 0.0, None)
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: Range | None) -> Range | None:
+        if v is not None and v[0] <= 0:
+            raise ValueError(f"a log-uniform lr range must be > 0, got {v}")
+        _check_range(v, 0.0, None)
+        return v
+
+
+class AshaConfig(Section):
+    grace_period: int = Field(1, gt=0, description="Epochs every trial runs before ASHA may stop it.")
+    reduction_factor: float = Field(
+        2.0, gt=1, description="ASHA keeps the top 1/reduction_factor of trials at each rung.")
+
+
+class RayConfig(Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'host:6379', 'ray://host:10001'). null: the "
+        "RAY_ADDRESS environment variable if set, else a local Ray on this machine's CPUs.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks) per trial.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per worker; fractions let small trials share a core.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; > 0 trains on CUDA with NCCL.")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2] = Field(
+        0, description="ZeRO stage (0: data parallel; 1/2: optimizer state / gradients sharded across "
+        "workers). Stage 3 is not offered: it shards parameters, and PETL trains too few for it to pay.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on a CUDA GPU that supports it, else fp32 (fp16 is not supported).")
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(8, gt=0, description="Trials (configurations sampled from search_space).")
+    max_concurrent: int | None = Field(
+        None, gt=0, description="Trials run at once; null: as many as the cluster's CPUs/GPUs fit.")
+    epochs: int = Field(5, gt=0, description="Training epochs per trial (the most a trial gets under ASHA).")
+    tasks: list[str] | None = Field(
+        None, description="Tasks to tune on (a subset of base.tasks); the metric is their mean. null: all.")
+    max_failures: int = Field(
+        1, ge=0, description="Retries of a failed trial; each resumes from its last epoch checkpoint.")
+    checkpoints_to_keep: int = Field(2, gt=0, description="Epoch checkpoints kept per trial.")
+    scheduler: AshaConfig = AshaConfig()
+    search_space: SearchSpaceConfig = SearchSpaceConfig()
+    ray: RayConfig = RayConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("tasks must name at least one task (or be null for all of base.tasks)")
+        return v
+
+
 # ---------------------------------------------------------------------------------------------- top level
 
 
@@ -248,6 +349,14 @@ class Params(Section):
     pretrain: PretrainConfig = PretrainConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _tune_tasks_known(self) -> Params:
+        unknown = [t for t in self.tune.tasks or [] if t not in self.base.tasks]
+        if unknown:
+            raise ValueError(f"tune.tasks {unknown} are not in base.tasks {self.base.tasks}")
+        return self
 
 
 KNOWN_SECTIONS = {"base", "prepare", "pretrain", "train", "tune", "evaluate", "register"}
@@ -257,7 +366,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
+        if not e["loc"]:  # a cross-section check: its message names the keys; the input is the whole file
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown key (value {e['input']!r})")
         else:
             lines.append(f"  {path}: {e['msg']} (got {e['input']!r})")

@@ -525,6 +525,8 @@ def fit(
     strategy: StrategyFactory | None = None,
     eval_batch_size: int | None = None,
     num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> FitResult:
     """Train `model` (forward returns a tensor or a list of per-exit logits) and leave it holding the best
     weights by `select` on `val`.
@@ -541,6 +543,9 @@ def fit(
       to stop early (recorded in the checkpoint, so a resume does not continue).
     strategy: factory (model, cfg, steps_per_epoch) -> Strategy; default AdamWStrategy.
     progress: tqdm bar per epoch; None shows it only on a TTY.
+    rank / world_size: data-parallel training (e.g. a DeepSpeed strategy under Ray Train): each rank trains on
+      its share of every epoch's shuffled order (all ranks share `seed`); give each rank its own
+      checkpoint_path, as optimizer state may be per rank.
     Raises NonFiniteLossError on a NaN/Inf loss or weights; no checkpoint with non-finite values is written.
     """
     cfg = cfg if cfg is not None else TrainConfig()
@@ -550,7 +555,7 @@ def fit(
     device = _model_device(model)
     progress = sys.stderr.isatty() if progress is None else progress
     eval_bs = eval_batch_size or max(cfg.batch_size, 256)
-    steps_per_epoch = num_batches(train, cfg.batch_size)
+    steps_per_epoch = num_batches(train, cfg.batch_size, world_size)
     total_steps = cfg.epochs * steps_per_epoch
     schedule = _priority_schedule(model, cfg)
     distill, temperature = (cfg.distill, cfg.distill_temperature) if isinstance(cfg, TrainConfig) else (0.0, 2.0)
@@ -564,6 +569,8 @@ def fit(
         "steps_per_epoch": steps_per_epoch,
         "select": metric_name,
     }
+    if world_size > 1:  # only then, so checkpoints written before this key existed still resume
+        run_id["world_size"] = world_size
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
     fingerprint = frozen_fingerprint(model)
     history: list[dict[str, Any]] = []
@@ -616,7 +623,8 @@ def fit(
             try:
                 metrics, _ = run_epoch(
                     strat.module,
-                    iterate_batches(train, cfg.batch_size, shuffle=True, generator=shuffle, num_workers=num_workers),
+                    iterate_batches(train, cfg.batch_size, shuffle=True, generator=shuffle, num_workers=num_workers,
+                                    rank=rank, world_size=world_size),
                     strat,
                     schedule,
                     global_step=epoch * steps_per_epoch,

@@ -1,0 +1,255 @@
+"""The registered model: a self-contained bundle (weights, architecture, stage costs, val threshold curve) and
+the MLflow pyfunc that serves it with compacted early exit, at a FLOPs budget or at explicit thresholds.
+
+Importing this module touches no tracking server and starts no run; `DynamicPredictor` works without MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow.pyfunc import PythonModel
+
+from dynadapter.config import BackboneConfig, ModelConfig
+from dynadapter.inference.flops import StageCosts
+from dynadapter.models import DynAdapterViT, build_model, confidence_score, merge_petl, normalization
+from dynadapter.models.petl import PetlModule
+
+BUNDLE_FORMAT = 1
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+COSTS_FILE = "stage_costs.json"
+CURVE_FILE = "threshold_curve.json"
+ARTIFACT_KEY = "dynadapter_model"  # the pyfunc artifact holding the bundle directory
+PIXEL_TOLERANCE = 1e-3  # float rounding of [0, 1] pixels, not a licence to send normalised images
+PREDICT_BATCH = 256  # bounds peak memory for large requests; results do not depend on it
+
+
+# ------------------------------------------------------------------------------------------- the bundle
+
+
+def _curve_value(point: Any, *names: str) -> Any:
+    for name in names:
+        if isinstance(point, Mapping) and name in point:
+            return point[name]
+        if hasattr(point, name):
+            return getattr(point, name)
+    return None
+
+
+def val_curve(curve: Iterable[Any]) -> list[dict[str, Any]]:
+    """The val-calibrated points (one per budget) in the stored form, sorted by budget, test figures dropped.
+
+    Accepts `sweep`'s `CurvePoint`s or `Evaluated.curve` rows. Only points produced by calibrating at a budget
+    are kept (shared-threshold sweep points answer no budget), and nothing measured on test is stored, so
+    choosing thresholds at predict time can never look at test data.
+    """
+    by_budget: dict[float, dict[str, Any]] = {}
+    for p in curve:
+        budget = _curve_value(p, "budget", "budget_fraction")
+        if budget is None:
+            continue
+        by_budget[float(budget)] = {
+            "budget": float(budget),
+            "thresholds": [float(t) for t in _curve_value(p, "thresholds")],
+            "val_accuracy": float(_curve_value(p, "val_accuracy", "accuracy")),
+            "val_fraction": float(_curve_value(p, "val_fraction", "fraction")),
+        }
+    return [by_budget[b] for b in sorted(by_budget)]
+
+
+def is_merged(model: DynAdapterViT) -> bool:
+    """True when mergeable PETL branches were folded into the weights (the module tree then differs)."""
+    petl = getattr(model, "petl", None)
+    return bool(petl is not None and petl.mergeable and not any(isinstance(m, PetlModule) for m in model.modules()))
+
+
+def save_bundle(
+    model: DynAdapterViT,
+    out_dir: str | Path,
+    *,
+    backbone_cfg: BackboneConfig,
+    model_cfg: ModelConfig,
+    costs: StageCosts,
+    curve: Iterable[Any],
+    budget: float,
+    task: str | None = None,
+) -> Path:
+    """Write everything that rebuilds and serves `model`, with no reference to files outside the bundle.
+
+    The whole state dict is stored (backbone included): the registered model must not depend on the backbone
+    checkpoint the pipeline happened to train on. `model.thresholds` are the defaults (calibrated on val at
+    `budget`).
+    """
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / WEIGHTS_FILE))  # handles shared tensors; loaded back strictly
+    mean, std = normalization(model.backbone)
+    pe = model.backbone.patch_embed
+    config = {
+        "format": BUNDLE_FORMAT,
+        "task": task,
+        "backbone": {**backbone_cfg.model_dump(mode="json"), "checkpoint": None},
+        "model": model_cfg.model_dump(mode="json"),
+        "num_classes": int(model.num_classes),
+        "merged": is_merged(model),
+        "exits": list(model.exits),
+        "confidence": model.confidence,
+        "input_shape": [int(pe.proj.in_channels), *(int(s) for s in pe.img_size)],
+        "mean": list(mean),
+        "std": list(std),
+        "default_budget": float(budget),
+        "default_thresholds": [float(t) for t in model.thresholds.tolist()],
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    (out / COSTS_FILE).write_text(json.dumps(costs.to_dict(), indent=2))
+    (out / CURVE_FILE).write_text(json.dumps(val_curve(curve), indent=2))
+    return out
+
+
+def _costs_from_dict(d: Mapping[str, Any]) -> StageCosts:
+    return StageCosts(int(d["embed_macs"]), list(d["stage_macs"]), list(d["head_macs"]), list(d.get("exits", [])))
+
+
+def load_bundle(path: str | Path, device: str | torch.device | None = None) -> DynamicPredictor:
+    """Rebuild the model from its architecture config (timm, no download) and load the stored weights."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if config.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: bundle format {config.get('format')!r}, this code reads {BUNDLE_FORMAT}")
+    backbone_cfg = BackboneConfig.model_validate(config["backbone"])
+    model_cfg = ModelConfig.model_validate(config["model"])
+    model = build_model(backbone_cfg, model_cfg, int(config["num_classes"]))
+    if config["merged"]:
+        merge_petl(model)  # same module tree as the saved model
+    if model.exits != config["exits"]:
+        raise ValueError(f"{path}: config rebuilds exits {model.exits}, the bundle was saved with {config['exits']}")
+    try:
+        load_model(model, str(path / WEIGHTS_FILE), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path / WEIGHTS_FILE}: weights do not fit the rebuilt model: {err}") from err
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(device).eval()
+    costs = _costs_from_dict(json.loads((path / COSTS_FILE).read_text()))
+    curve = json.loads((path / CURVE_FILE).read_text())
+    return DynamicPredictor(model, config, costs, curve)
+
+
+# ------------------------------------------------------------------------------------------ prediction
+
+
+class DynamicPredictor:
+    """Validated inputs in, per-image prediction / exit / confidence / MACs out (plain NumPy)."""
+
+    def __init__(self, model: DynAdapterViT, config: Mapping[str, Any], costs: StageCosts,
+                 curve: Sequence[Mapping[str, Any]]):
+        self.model = model
+        self.config = dict(config)
+        self.costs = costs
+        self.curve = sorted((dict(p) for p in curve), key=lambda p: p["budget"])
+        self.input_shape = tuple(config["input_shape"])  # (C, H, W)
+        self._mean = torch.tensor(config["mean"], dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(config["std"], dtype=torch.float32).view(-1, 1, 1)
+        self._cum = torch.tensor(costs.cumulative(), dtype=torch.int64)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.model.exits)
+
+    @property
+    def expected(self) -> str:
+        return f"float32 images of shape (-1, {', '.join(map(str, self.input_shape))}) with values in [0, 1]"
+
+    def check_images(self, images: Any) -> torch.Tensor:
+        """Reject what would otherwise crash deep inside torch or silently mispredict, naming the contract."""
+        if hasattr(images, "to_numpy") and not isinstance(images, torch.Tensor):  # a pandas frame
+            images = images.to_numpy()
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        if not isinstance(images, np.ndarray):
+            raise ValueError(f"expected {self.expected}; got {type(images).__name__}")
+        if images.dtype != np.float32:
+            hint = " (divide uint8 pixels by 255)" if images.dtype == np.uint8 else ""
+            raise ValueError(f"expected {self.expected}; got dtype {images.dtype}{hint}")
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected {self.expected}; got shape {tuple(images.shape)}")
+        if images.size and not np.isfinite(images).all():
+            raise ValueError(f"expected {self.expected}; got NaN or infinite values")
+        if images.size and (images.min() < -PIXEL_TOLERANCE or images.max() > 1 + PIXEL_TOLERANCE):
+            raise ValueError(
+                f"expected {self.expected} (the model normalises with its own mean/std); got values in "
+                f"[{images.min():.3g}, {images.max():.3g}]")
+        return torch.from_numpy(np.ascontiguousarray(images))
+
+    def thresholds_for_budget(self, budget: float) -> list[float]:
+        """The val-calibrated thresholds of the largest stored budget at or below `budget`.
+
+        Never above the request: that point's val MACs fraction is <= its own budget <= `budget`.
+        """
+        if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+            raise ValueError(f"budget must be a finite fraction of full-depth MACs > 0, got {budget!r}")
+        if self.num_exits == 1:
+            return list(self.config["default_thresholds"])
+        feasible = [p for p in self.curve if p["budget"] <= budget + 1e-6]  # a float32 0.45 is still 0.45
+        if not feasible:
+            stored = [p["budget"] for p in self.curve]
+            smallest = f"the smallest calibrated budget is {min(stored)}" if stored else "no curve is stored"
+            raise ValueError(f"budget {budget} is below every val-calibrated budget ({smallest}); "
+                             "pass a larger budget or explicit thresholds")
+        return list(feasible[-1]["thresholds"])
+
+    def resolve_thresholds(self, budget: float | None = None, thresholds: Sequence[float] | None = None) -> list[float]:
+        """Explicit thresholds win; else the budget's val-calibrated ones; else the defaults saved with the model."""
+        if thresholds is not None and len(thresholds) > 0:
+            if budget is not None:
+                raise ValueError("pass either budget or thresholds, not both")
+            th = [float(t) for t in thresholds]
+            if len(th) != self.num_exits:
+                raise ValueError(f"thresholds: need {self.num_exits} values (one per exit), got {len(th)}")
+            if not all(math.isfinite(t) for t in th):
+                raise ValueError(f"thresholds must be finite, got {th}")
+            return th
+        if budget is not None:
+            return self.thresholds_for_budget(float(budget))
+        return list(self.config["default_thresholds"])
+
+    @torch.no_grad()
+    def predict(self, images: Any, budget: float | None = None,
+                thresholds: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+        x = self.check_images(images)
+        th = torch.tensor(self.resolve_thresholds(budget, thresholds), dtype=torch.float32)
+        device = next(self.model.parameters()).device
+        outs: dict[str, list[torch.Tensor]] = {"prediction": [], "exit_index": [], "confidence": [], "macs": []}
+        for i in range(0, x.shape[0], PREDICT_BATCH):
+            chunk = ((x[i : i + PREDICT_BATCH] - self._mean) / self._std).to(device)
+            out = self.model.forward_dynamic(chunk, th)
+            exit_index = out.exit_index.cpu()
+            outs["prediction"].append(out.preds.cpu())
+            outs["exit_index"].append(exit_index)
+            outs["confidence"].append(confidence_score(out.logits, self.model.confidence).cpu())
+            outs["macs"].append(self._cum[exit_index])
+        empty = {"prediction": torch.long, "exit_index": torch.long, "confidence": torch.float32, "macs": torch.long}
+        return {k: (torch.cat(v) if v else torch.zeros(0, dtype=empty[k])).numpy() for k, v in outs.items()}
+
+
+class DynAdapterPyfunc(PythonModel):
+    """MLflow pyfunc: `predict(images, params={"budget": 0.4})` or `params={"thresholds": [...]}`."""
+
+    def load_context(self, context) -> None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.predictor = load_bundle(context.artifacts[ARTIFACT_KEY], device=device)
+
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        # np.ndarray: MLflow infers no schema from it and validates against the logged signature instead
+        params = params or {}
+        return self.predictor.predict(model_input, budget=params.get("budget"), thresholds=params.get("thresholds"))

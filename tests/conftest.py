@@ -1,0 +1,24 @@
+"""Shared pytest fixtures. Add yours below; keep the ones already here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Before anything imports Ray or DeepSpeed: no telemetry, and DeepSpeed JIT-builds only the ops it needs.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_BUILD_OPS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting one takes seconds); shut down at the end."""
+    ray = pytest.importorskip("ray")
+    from dynadapter.tune import init_ray
+
+    started_here = not ray.is_initialized()
+    resources = init_ray(num_cpus=os.cpu_count() or 1)
+    yield resources
+    if started_here:
+        ray.shutdown()

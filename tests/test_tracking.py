@@ -1,0 +1,361 @@
+"""Contracts of dynadapter.tracking and dynadapter.serving against a real MLflow (sqlite backend, registry):
+nested runs under one parent, the logged dynamic model round trip, champion promotion, fast failures."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
+import pickle  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from dynadapter.adapt import TaskData, TaskResult, Trained, evaluate_task  # noqa: E402
+from dynadapter.config import ModelConfig, Params, PetlConfig  # noqa: E402
+from dynadapter.inference import calibrate, collect_exit_logits, measure_stage_costs  # noqa: E402
+from dynadapter.models import build_model, normalization  # noqa: E402
+from dynadapter.serving import load_bundle, save_bundle  # noqa: E402
+from dynadapter.tracking import (  # noqa: E402
+    CHAMPION,
+    PARENT_TAG,
+    TAG_MODEL_URI,
+    V_DECISION,
+    TrackingUnavailableError,
+    check_tracking_server,
+    find_task_runs,
+    log_dynamic_model,
+    log_params,
+    log_task_result,
+    model_uri_of,
+    pipeline_run,
+    promote,
+    resolve_tracking_uri,
+    task_run,
+)
+from helpers import backbone_cfg, one_thread, randomize_petl, sharpen_heads  # noqa: E402, F401
+
+TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
+NUM_CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    """One sqlite store for the module (creating the schema costs seconds); the fluent API points at it too,
+    for `mlflow.pyfunc.load_model("models:/...")`."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def client(tracking_uri):
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def pixels(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 3, 16, 16), dtype=np.float32)
+
+
+def normalised(x: np.ndarray, model) -> torch.Tensor:
+    """[0, 1] pixels as the pipeline feeds the model: (x - mean) / std of the backbone's pretrained config."""
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in normalization(model.backbone))
+    return (torch.from_numpy(x) - mean) / std
+
+
+@pytest.fixture(scope="module")
+def evaluated():
+    """A tiny merged Rep-Adapter model (so the bundle must rebuild a merged module tree), calibrated on val
+    by the same `evaluate_task` the pipeline runs, with a made-up training history."""
+    torch.manual_seed(0)
+    bcfg = backbone_cfg(**TINY_VIT)
+    mcfg = ModelConfig(petl=PetlConfig(method="rep_adapter"))
+    model = build_model(bcfg, mcfg, NUM_CLASSES)
+    randomize_petl(model, 0)
+    sharpen_heads(model, 0, scale=6.0)
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def split(n: int):
+        return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+
+    data = TaskData(split(8), split(64), split(64), NUM_CLASSES)
+    ev = evaluate_task(model, data, budget=0.5)
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_acc": [0.3, 0.4, 0.5, 0.5 + e / 10], "lr": 1e-3}
+               for e in (1, 2, 3)]
+    trained = Trained(task="count", method="rep_adapter", early_exit=True, exits=list(model.exits),
+                      params={"trainable": 100, "heads": 60, "petl": 40, "backbone": 1000}, best_epoch=3,
+                      train_seconds=1.0, step_seconds=0.01, history=history)
+    return dict(model=model, bcfg=bcfg, mcfg=mcfg, data=data, result=TaskResult(trained, ev),
+                costs=measure_stage_costs(model))
+
+
+# ------------------------------------------------------------------------------------------ tracking URI
+
+
+@pytest.mark.parametrize("uri,expected", [
+    ("sqlite:///mlflow.db", "sqlite:///{root}/mlflow.db"),
+    ("sqlite:///sub/../runs/m.db", "sqlite:///{root}/runs/m.db"),
+    ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("mlruns", "{root}/mlruns"),
+])
+def test_resolve_tracking_uri_is_independent_of_cwd(uri, expected, tmp_path, monkeypatch):
+    root = tmp_path.resolve()
+    monkeypatch.chdir("/")
+    assert resolve_tracking_uri(uri, root) == expected.format(root=root)
+
+
+def test_check_tracking_server_fails_fast_naming_the_uri():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    start = time.perf_counter()
+    with pytest.raises(TrackingUnavailableError, match=uri):
+        check_tracking_server(uri, timeout=2)
+    assert time.perf_counter() - start < 10
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ or os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] != "0"
+
+
+def test_check_tracking_server_sqlite(tmp_path):
+    db = tmp_path / "nested" / "dir" / "m.db"
+    check_tracking_server(f"sqlite:///{db}")
+    assert db.is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrackingUnavailableError, match="file/m.db"):  # its folder would be a file
+        check_tracking_server(f"sqlite:///{tmp_path / 'file' / 'm.db'}")
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def test_stages_share_one_parent_with_nested_task_runs(tracking_uri, client, evaluated):
+    params = Params()
+    with pipeline_run(tracking_uri, "exp-runs", "pipe-1", stage="train", config=params,
+                      sections=["base", "train"]) as parent:
+        for task in ("count", "digits"):
+            with task_run(parent, task, stage="train", params={"train": params.train}) as run:
+                log_task_result(run, evaluated["result"])
+        with pytest.raises(RuntimeError), task_run(parent, "broken", stage="train"):
+            raise RuntimeError("boom")
+    with pipeline_run(tracking_uri, "exp-runs", "pipe-1", stage="evaluate", config=params,
+                      sections=["base", "evaluate"]) as again:
+        pass
+    assert again.run_id == parent.run_id  # the second stage attached to the same parent
+    assert pickle.loads(pickle.dumps(parent)) == parent  # handles travel to Ray workers
+
+    parent_run = client.get_run(parent.run_id)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.params["base.backbone.name"] == params.base.backbone.name
+    assert parent_run.data.params["evaluate.throughput_batch"] == str(params.evaluate.throughput_batch)
+    assert parent_run.data.tags["dynadapter.stage_status.train"] == "FINISHED"
+    parent_files = {f.path for f in client.list_artifacts(parent.run_id, "config")}
+    assert parent_files == {"config/train.yaml", "config/evaluate.yaml"}
+
+    children = find_task_runs(parent, stage="train", status=None)
+    assert sorted(r.data.tags["dynadapter.task"] for r in children) == ["broken", "count", "digits"]
+    assert all(r.data.tags[PARENT_TAG] == parent.run_id for r in children)
+    assert {r.data.tags["dynadapter.task"]: r.info.status for r in children}["broken"] == "FAILED"
+
+    count = find_task_runs(parent, stage="train", task="count")[0]
+    ev = evaluated["result"].evaluated
+    assert count.data.params["train.lr"] == str(params.train.lr)
+    assert count.data.metrics["test_accuracy"] == pytest.approx(ev.test["accuracy"])
+    assert count.data.metrics["val_accuracy"] == pytest.approx(ev.calibration["val_accuracy"])
+    assert count.data.metrics["macs_full_depth_baseline_macs"] == ev.full_depth_macs
+    for i, acc in enumerate(ev.test_exit_accuracy):
+        assert count.data.metrics[f"test_acc_exit_{i}"] == pytest.approx(acc)
+    history = client.get_metric_history(count.info.run_id, "val_acc_3")
+    steps = sorted((m.step, round(m.value, 6)) for m in history)
+    assert steps == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    files = {f.path for f in client.list_artifacts(count.info.run_id)}
+    assert {"result.json", "curve.csv", "pareto.csv", "pareto.png", "stage_costs.json"} <= files
+    pareto_csv = Path(client.download_artifacts(count.info.run_id, "pareto.csv"))
+    assert pareto_csv.read_text().splitlines()[0].startswith("thresholds,val_accuracy")
+
+
+def test_params_are_immutable_but_relogging_is_a_no_op(tracking_uri):
+    with pipeline_run(tracking_uri, "exp-runs", "pipe-params", stage="s") as parent, \
+            task_run(parent, "t", stage="s") as run:
+        assert log_params(run, {"a": {"b": 1, "c": [1, 2]}}) == {"a.b": "1", "a.c": "[1, 2]"}
+        assert log_params(run, {"a": {"b": 1}}) == {}
+        with pytest.raises(ValueError, match="a.b"):
+            log_params(run, {"a": {"b": 2}})
+
+
+# ------------------------------------------------------------------------------------ model round trip
+
+
+@pytest.fixture(scope="module")
+def registered(tracking_uri, client, evaluated):
+    """The evaluated model logged under a task run and registered as the first champion of `tiny-count`."""
+    ev = evaluated["result"].evaluated
+    with pipeline_run(tracking_uri, "exp-model", "pipe-model", stage="evaluate") as parent, \
+            task_run(parent, "count", stage="evaluate") as run:
+        info = log_dynamic_model(run, evaluated["model"], backbone_cfg=evaluated["bcfg"],
+                                 model_cfg=evaluated["mcfg"], costs=evaluated["costs"], curve=ev.curve, budget=0.5,
+                                 task="count")
+    decision = promote(client, "tiny-count", model_uri_of(run), run_id=run.run_id,
+                       test_accuracy=ev.test["accuracy"], macs=ev.test["macs"], budget=0.5)
+    return info, decision
+
+
+def test_registered_model_round_trip(registered, evaluated):
+    model, data = evaluated["model"], evaluated["data"]
+    info, decision = registered
+    assert decision.promoted and decision.created
+    assert info.model_uri.startswith("models:/m-")
+    loaded = mlflow.pyfunc.load_model(f"models:/tiny-count@{CHAMPION}")
+    sig = loaded.metadata.signature
+    assert tuple(sig.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, 16, 16)
+    assert {p.name for p in sig.params.params} == {"budget", "thresholds"}
+    predictor = loaded.unwrap_python_model().predictor
+
+    x = pixels(48, seed=5)
+    xn = normalised(x, model)
+
+    def same_as_original(out, thresholds):
+        ref = model.forward_dynamic(xn, thresholds)
+        assert np.array_equal(out["exit_index"], ref.exit_index.numpy())
+        assert np.array_equal(out["prediction"], ref.preds.numpy())
+        cum = np.array(evaluated["costs"].cumulative())
+        assert np.array_equal(out["macs"], cum[ref.exit_index.numpy()])
+        return ref
+
+    # a budget picks the thresholds calibrated on val at that budget (0.42: the 0.40 point, never above)
+    val_logits = collect_exit_logits(model, data.val[0])
+    for budget, calibrated_at in ((0.4, 0.4), (0.42, 0.4), (0.45, 0.45), (0.5, 0.5)):
+        expected = calibrate(val_logits=val_logits, val_labels=data.val[1], costs=evaluated["costs"],
+                             budget_fraction=calibrated_at).thresholds
+        out = loaded.predict(x, params={"budget": budget})
+        assert predictor.resolve_thresholds(budget=budget) == pytest.approx(expected)
+        same_as_original(out, expected)
+    # no params: the thresholds calibrated at the model's budget, saved in the model
+    same_as_original(loaded.predict(x), model.thresholds)
+    # explicit thresholds, chosen so that every exit is used
+    with torch.no_grad():
+        conf = torch.stack([torch.softmax(lg, -1).max(-1).values for lg in model(xn)])
+    th = [float(conf[s].quantile(0.5)) for s in range(3)] + [0.0]
+    out = loaded.predict(x, params={"thresholds": th})
+    same_as_original(out, th)
+    assert len(set(out["exit_index"].tolist())) >= 3
+    assert out["confidence"].dtype == np.float32 and ((out["confidence"] > 0) & (out["confidence"] <= 1)).all()
+
+
+@pytest.mark.parametrize("bad,params,match", [
+    (pixels(2, 0)[:, :, :8, :8], None, r"\(-1, 3, 16, 16\)"),  # wrong spatial size
+    (pixels(2, 0)[:, 0], None, r"\(-1, 3, 16, 16\)"),  # missing channel axis
+    (pixels(2, 0).astype(np.float64), None, "float32"),
+    ((pixels(2, 0) * 255).astype(np.uint8), None, "uint8"),
+    (pixels(2, 0) * 255, None, r"\[0, 1\]"),  # 0-255 floats
+    (np.full((1, 3, 16, 16), np.nan, np.float32), None, "NaN"),
+    (pixels(2, 0), {"thresholds": [0.5, 0.5]}, "need 4 values"),
+    (pixels(2, 0), {"budget": 0.01}, "smallest calibrated budget"),
+    (pixels(2, 0), {"budget": 0.5, "thresholds": [0.5] * 4}, "either budget or thresholds"),
+])
+def test_bad_inputs_raise_clear_errors(evaluated, tmp_path, bad, params, match):
+    """The predictor raises ValueError naming the contract; MLflow's own schema check (shape, dtype) runs
+    first in the pyfunc and names the expected shape the same way."""
+    ev = evaluated["result"].evaluated
+    bundle = save_bundle(evaluated["model"], tmp_path / "b", backbone_cfg=evaluated["bcfg"],
+                         model_cfg=evaluated["mcfg"], costs=evaluated["costs"], curve=ev.curve, budget=0.5)
+    predictor = load_bundle(bundle)
+    with pytest.raises(ValueError, match=match):
+        predictor.predict(bad, **(params or {}))
+
+
+def test_pyfunc_rejects_bad_shape_and_dtype(registered):
+    loaded = mlflow.pyfunc.load_model(f"models:/tiny-count@{CHAMPION}")
+    with pytest.raises(MlflowException, match=r"\(-1, 3, 16, 16\)"):
+        loaded.predict(pixels(2, 0)[:, :, :8, :8])
+    with pytest.raises((MlflowException, ValueError), match="float32"):
+        loaded.predict(pixels(2, 0).astype(np.float64))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        loaded.predict(pixels(2, 0) * 255)
+
+
+# ------------------------------------------------------------------------------------------ promotion
+
+PROMOTION_CASES = [  # (champion before: (accuracy, MACs) or None, candidate, promoted?)
+    (None, (0.50, 100.0), True),
+    ((0.80, 100.0), (0.85, 150.0), True),  # better accuracy, even if dearer
+    ((0.80, 100.0), (0.75, 50.0), False),  # worse accuracy, even if cheaper
+    ((0.80, 100.0), (0.80, 90.0), True),  # tie, fewer MACs
+    ((0.80, 100.0), (0.80, 100.0), False),  # full tie: the incumbent stays
+    ((0.80, 100.0), (0.80, 110.0), False),
+]
+
+
+def _fake_model(client, experiment_id: str) -> tuple[str, str]:
+    """A run and a model URI to register (promotion never opens the model)."""
+    run = client.create_run(experiment_id)
+    return run.info.run_id, f"{run.info.artifact_uri}/model"
+
+
+@pytest.fixture(scope="module")
+def exp_id(client):
+    return client.create_experiment("exp-promote")
+
+
+@pytest.mark.parametrize("i,before,candidate,promoted", [(i, *c) for i, c in enumerate(PROMOTION_CASES)])
+def test_promotion(client, exp_id, i, before, candidate, promoted):
+    name = f"promo-{i}"
+    if before is not None:
+        run_id, uri = _fake_model(client, exp_id)
+        assert promote(client, name, uri, run_id=run_id, test_accuracy=before[0], macs=before[1]).promoted
+    old = client.get_model_version_by_alias(name, CHAMPION).version if before else None
+    run_id, uri = _fake_model(client, exp_id)
+
+    first = promote(client, name, uri, run_id=run_id, test_accuracy=candidate[0], macs=candidate[1], budget=0.5)
+    assert first.created and first.promoted is promoted
+    champion = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    assert champion == (first.version if promoted else str(old)) == first.champion
+    version = client.get_model_version(name, first.version)
+    assert version.tags[V_DECISION] == ("promoted" if promoted else "kept")
+    assert float(version.tags["dynadapter.test_accuracy"]) == candidate[0]
+    assert float(version.tags["dynadapter.macs"]) == candidate[1]
+    if before:
+        assert float(version.tags["dynadapter.previous_champion_test_accuracy"]) == before[0]
+    assert first.reason in version.description
+
+    # the same run again: no new version, nothing changes
+    count = len(client.search_model_versions(f"name = '{name}'"))
+    again = promote(client, name, uri, run_id=run_id, test_accuracy=candidate[0], macs=candidate[1], budget=0.5)
+    assert not again.created and (again.version, again.promoted) == (first.version, first.promoted)
+    assert len(client.search_model_versions(f"name = '{name}'")) == count
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == champion == again.champion
+    assert client.get_model_version(name, first.version).tags == version.tags
+
+
+@pytest.mark.parametrize("stopped_after", ["register", "alias"])
+def test_interrupted_promotion_is_completed_by_a_rerun(client, exp_id, stopped_after):
+    name = f"promo-interrupted-{stopped_after}"
+    run_id, uri = _fake_model(client, exp_id)
+    promote(client, name, uri, run_id=run_id, test_accuracy=0.5, macs=100.0)
+    run_id, uri = _fake_model(client, exp_id)
+    # what an interrupted call leaves: the version with its figures, maybe the alias, no decision
+    client.create_model_version(name, uri, run_id=run_id, tags={
+        TAG_MODEL_URI: uri, "dynadapter.test_accuracy": "0.9", "dynadapter.macs": "100.0"})
+    pending = str(max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)).version)
+    if stopped_after == "alias":
+        client.set_model_version_tag(name, pending, "dynadapter.reason", "test accuracy 0.9 > 0.5 of v1")
+        client.set_registered_model_alias(name, CHAMPION, pending)
+
+    done = promote(client, name, uri, run_id=run_id, test_accuracy=0.9, macs=100.0)
+    assert not done.created and done.version == pending and done.promoted
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == pending == done.champion
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    tags = client.get_model_version(name, pending).tags
+    assert tags[V_DECISION] == "promoted" and "0.5" in tags["dynadapter.reason"]

@@ -1,0 +1,276 @@
+"""Contracts of the distributed path: the DeepSpeed strategy under `fit`, device/precision placement, the tune
+config section, resource budgeting, search space -> params overrides, and a real Ray Tune run (Ray Train
+workers + DeepSpeed inside each trial) that survives a worker crash by resuming from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dynadapter.config import (
+    BackboneConfig,
+    ConfigError,
+    DeepSpeedConfig,
+    ModelConfig,
+    RayConfig,
+    TrainConfig,
+    parse_params,
+)
+from dynadapter.models import build_model
+from dynadapter.train import fit, load_checkpoint, trainable_state
+from dynadapter.train.deepspeed import Placement, deepspeed_strategy, ds_config, resolve_placement
+from dynadapter.tune import (
+    METRIC,
+    TRAINABLE_CPU,
+    TuneTask,
+    apply_overrides_to,
+    overrides_from,
+    plan_resources,
+    run_tune,
+    search_space,
+    write_best_params,
+)
+
+TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(num_classes: int = 2):
+    torch.manual_seed(0)
+    return build_model(BackboneConfig(overrides=TINY), ModelConfig(), num_classes)
+
+
+def toy_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes told apart by the mean of one colour channel: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+    x[:, 0] += (2.0 * y - 1.0)[:, None, None]
+    return x, y
+
+
+# ------------------------------------------------------------------------------------------ placement
+
+
+@pytest.mark.parametrize(
+    "precision, cuda, bf16, expected",
+    [
+        ("auto", False, False, Placement("cpu", "gloo", "fp32")),
+        ("auto", True, True, Placement("cuda", "nccl", "bf16")),
+        ("auto", True, False, Placement("cuda", "nccl", "fp32")),
+        ("bf16", False, False, Placement("cpu", "gloo", "bf16")),  # allowed on CPU when asked for
+        ("fp32", True, True, Placement("cuda", "nccl", "fp32")),
+    ],
+)
+def test_placement_follows_the_device(precision, cuda, bf16, expected):
+    placement = resolve_placement(precision, cuda=cuda, bf16_supported=bf16)
+    assert placement == expected
+    cfg = ds_config(32, DeepSpeedConfig(zero_stage=1, precision=precision), placement=placement)
+    assert cfg["bf16"]["enabled"] is (expected.precision == "bf16")
+    assert cfg["fp16"]["enabled"] is False
+    assert cfg["zero_optimization"]["stage"] == 1
+    assert cfg["train_micro_batch_size_per_gpu"] == 32
+    assert "optimizer" not in cfg and "scheduler" not in cfg  # ours are handed to the engine
+
+
+def test_bf16_on_a_gpu_without_it_names_the_key():
+    with pytest.raises(ValueError, match="deepspeed.precision"):
+        resolve_placement("bf16", cuda=True, bf16_supported=False)
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed under fit
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_deepspeed_strategy_trains_and_resumes_exactly(tmp_path, zero_stage):
+    train, val = toy_split(64, 0), toy_split(32, 1)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e-2, warmup_epochs=0.5)
+    strategy = deepspeed_strategy(DeepSpeedConfig(zero_stage=zero_stage, precision="fp32"))
+
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    full = fit(model, train, val, cfg, seed=0, strategy=strategy, progress=False)
+    losses = [h["train_loss"] for h in full.history]
+    assert losses[-1] < losses[0]
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= trainable  # the frozen backbone never moves
+
+    # interrupted after epoch 1 (checkpoint on disk), then resumed: same history, same weights
+    ckpt = tmp_path / "ckpt.pt"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_1(epoch, metrics):
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(tiny_model(), train, val, cfg, seed=0, strategy=strategy, checkpoint_path=ckpt,
+            on_epoch_end=stop_after_1, progress=False)
+    load_checkpoint(ckpt)  # weights_only=True: tensors and primitives only
+    resumed_model = tiny_model()
+    resumed = fit(resumed_model, train, val, cfg, seed=0, strategy=strategy, checkpoint_path=ckpt, progress=False)
+    assert resumed.resumed_from == 1
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(losses, rel=1e-6)
+    a, b = trainable_state(model), trainable_state(resumed_model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_deepspeed_bf16_on_cpu_trains_with_fp32_logits():
+    train = toy_split(32, 0)
+    model = tiny_model()
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2)
+    result = fit(model, train, None, cfg, strategy=deepspeed_strategy(DeepSpeedConfig(precision="bf16")),
+                 progress=False)
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    out = model(train[0][:4])  # fp32 input is cast in, logits come back in fp32
+    assert all(o.dtype == torch.float32 for o in out)
+
+
+# ------------------------------------------------------------------------------------------ config + search space
+
+
+@pytest.mark.parametrize(
+    "tune, key",
+    [
+        ({"search_space": {"p_max": [0.5, 0.1]}}, "tune.search_space.p_max"),
+        ({"search_space": {"q": [0.0, 1.0]}}, "tune.search_space.q"),
+        ({"search_space": {"priority_end": [[1.0, 2.0], [-1.0, 1.0]]}}, "tune.search_space.priority_end"),
+        ({"search_space": {"lr": [0.0, 0.1]}}, "tune.search_space.lr"),
+        ({"deepspeed": {"zero_stage": 3}}, "tune.deepspeed.zero_stage"),
+        ({"ray": {"cpus_per_worker": 0}}, "tune.ray.cpus_per_worker"),
+        ({"ray": {"gpus": 1}}, "tune.ray.gpus"),
+        ({"tasks": ["nope"]}, "tune.tasks"),
+    ],
+)
+def test_tune_config_errors_name_the_key(tune, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_params({"tune": tune})
+
+
+def test_params_yaml_has_a_valid_tune_section():
+    params = parse_params(yaml.safe_load(Path(__file__).parents[1].joinpath("params.yaml").read_text()))
+    assert params.tune.epochs >= 1 and params.tune.search_space.p_max is not None
+
+
+def test_search_space_maps_to_valid_train_overrides():
+    params = parse_params({"tune": {"search_space": {"priority_end": [[0.5, 1.0], [1, 1], [1, 2], [2, 2]],
+                                                     "lr": [1e-4, 1e-2]}}})
+    space = search_space(params.tune, num_exits=4)
+    assert {"p_max", "p_min", "q", "lr"} <= set(space)
+    assert [k for k in space if k.startswith("priority_start_")] == [f"priority_start_{i}" for i in range(4)]
+    assert space["priority_end_1"] == 1.0  # a [v, v] range is a constant, not a draw
+    with pytest.raises(ValueError, match="tune.search_space.priority_end"):
+        search_space(params.tune, num_exits=3)
+
+    sampled = {"p_max": 0.1, "p_min": 0.3, "q": 0.2, "lr": 3e-3,
+               **{f"priority_start_{i}": 1.0 + i for i in range(4)}}
+    overrides = overrides_from(sampled, params.train)
+    assert overrides["train.sparsity.p_min"] == 0.1  # clipped to p_max: dropout must not rise with depth
+    assert overrides["train.priority.start"] == [1.0, 2.0, 3.0, 4.0]
+    cfg = apply_overrides_to(params.train, overrides)
+    assert (cfg.sparsity.p_max, cfg.sparsity.q, cfg.lr) == (0.1, 0.2, 3e-3)
+
+
+@pytest.mark.parametrize(
+    "cluster, ray_cfg, cap, concurrent",
+    [
+        ({"CPU": 2}, RayConfig(cpus_per_worker=1.0), None, 1),  # 2 x 1.01 CPU does not fit in 2
+        ({"CPU": 2}, RayConfig(cpus_per_worker=0.5), None, 3),  # 3 x 0.51 <= 2
+        ({"CPU": 2}, RayConfig(cpus_per_worker=0.5), 1, 1),
+        ({"CPU": 16}, RayConfig(num_workers=2, cpus_per_worker=2.0), None, 3),
+        ({"CPU": 16, "GPU": 2}, RayConfig(cpus_per_worker=1.0, gpus_per_worker=1.0), None, 2),
+    ],
+)
+def test_resource_plan_fits_whole_trials(cluster, ray_cfg, cap, concurrent):
+    plan = plan_resources(cluster, ray_cfg, cap)
+    assert plan.max_concurrent == concurrent
+    assert plan.cpu_per_trial == pytest.approx(TRAINABLE_CPU + ray_cfg.num_workers * ray_cfg.cpus_per_worker)
+    assert plan.max_concurrent * plan.cpu_per_trial <= cluster["CPU"]
+
+
+def test_resource_plan_refuses_a_trial_that_cannot_fit():
+    with pytest.raises(ValueError, match="tune.ray"):
+        plan_resources({"CPU": 2}, RayConfig(cpus_per_worker=2.0), None)
+    with pytest.raises(ValueError, match="tune.ray"):
+        plan_resources({"CPU": 8}, RayConfig(gpus_per_worker=1.0), None)
+
+
+# ------------------------------------------------------------------------------------------ a real tune run
+
+
+class CrashOnce(TuneTask):
+    """Train data whose first worker to start its second epoch crashes (once per test, across processes):
+    the trial must come back through Ray Train's FailureConfig from its epoch-1 checkpoint."""
+
+    def __init__(self, train, val, num_classes, marker: str):
+        super().__init__(train, val, num_classes)
+        self.marker, self.reads = marker, 0
+
+    def __getstate__(self):
+        return {**self.__dict__, "reads": 0}
+
+    def __getattribute__(self, name):
+        if name == "train":
+            self.reads += 1  # read 1: steps per epoch; then one read per epoch
+            if self.reads == 3:
+                try:
+                    os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    pass
+                else:
+                    raise RuntimeError("injected worker crash at the start of epoch 2")
+        return super().__getattribute__(name)
+
+
+@pytest.mark.slow
+def test_tune_runs_trials_with_train_workers_and_survives_a_crash(ray_session, tmp_path):
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    params = parse_params({
+        "base": {"tasks": ["toy"], "backbone": {"overrides": TINY}},
+        "train": {"batch_size": 16, "lr": 1e-2},
+        "tune": {"num_samples": 2, "epochs": 2, "max_failures": 1,
+                 "scheduler": {"grace_period": 2},  # no early stop: both trials run both epochs
+                 "ray": {"cpus_per_worker": 0.5}},  # 2 x (0.5 + 0.01) CPU: both trials at once on 2 cores
+    })
+    data = {"toy": CrashOnce(toy_split(64, 0), toy_split(32, 1), 2, marker=str(tmp_path / "crashed"))}
+    outcome = run_tune(params, storage_path=tmp_path / "ray", data=data, verbose=0)
+
+    assert (tmp_path / "crashed").exists()
+    rows = outcome.trials
+    assert len(rows) == 2 and all(r["error"] is None for r in rows)
+    assert all(r["epochs"] == 2 and 0.0 <= r[METRIC] <= 1.0 for r in rows)
+    assert all(r["val_budget_fraction"] <= params.base.budget + 1e-9 for r in rows)
+    assert sorted(r["resumed_from"] for r in rows) == [0, 1]  # the crashed trial resumed from epoch 1
+    assert outcome.best_metric == max(r[METRIC] for r in rows)
+    assert set(outcome.best_overrides) == {"train.sparsity.p_max", "train.sparsity.p_min", "train.sparsity.q",
+                                           "train.priority.start", "train.priority.end"}
+    assert len(outcome.best_overrides["train.priority.start"]) == 4  # one weight per exit
+    assert len(outcome.table()) == 2
+
+    path = write_best_params(outcome, tmp_path / "best_params.yaml")
+    best = yaml.safe_load(path.read_text())
+    assert best == outcome.best_overrides
+    apply_overrides_to(params.train, best)  # the train stage can apply them as they are
+    for trial in (tmp_path / "ray" / "tune" / "train_runs").iterdir():  # per-epoch checkpoints, kept
+        assert (trial / "epoch_0002" / "rank0.pt").exists()

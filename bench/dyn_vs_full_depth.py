@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dynadapter.adapt import adapt_task, load_task_for
+from dynadapter.adapt import adapt_task, full_depth_baseline, load_task_for
 from dynadapter.config import load_params
 from dynadapter.train.pretrain import backbone_checkpoint
 
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         dyn, dyn_model = adapt_task(task, data, base.backbone, base.model, params.train, checkpoint,
                                     budget=args.budget, seed=base.seed, throughput_batch=args.batch, repeats=args.repeats,
                                     progress=False)
-        static_cfg = base.model.model_copy(update={"early_exit": False, "exits": None})
-        full, _ = adapt_task(task, data, base.backbone, static_cfg, params.train, checkpoint, budget=1.0,
+        static_cfg, static_train = full_depth_baseline(base.model, params.train)
+        full, _ = adapt_task(task, data, base.backbone, static_cfg, static_train, checkpoint, budget=1.0,
                              seed=base.seed, progress=False)
         d, f = dyn.to_dict(), full.to_dict()
         by_budget = {}

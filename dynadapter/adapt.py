@@ -28,7 +28,7 @@ from dynadapter.inference import (
 )
 from dynadapter.models import build_model, count_parameters, create_backbone, merge_petl, normalization
 from dynadapter.models.dyn_vit import DynAdapterViT
-from dynadapter.train import fit, fit_resumable, load_trainable_state, trainable_state
+from dynadapter.train import CheckpointMismatchError, fit, fit_resumable, load_trainable_state, trainable_state
 
 
 @dataclass
@@ -84,6 +84,15 @@ class TaskResult:
 
 def _exit_accuracy(exit_logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
     return [float((lg.argmax(-1) == labels).float().mean()) for lg in exit_logits]
+
+
+def full_depth_baseline(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+    """The paper's comparison for `model_cfg`: the same PETL module at full depth with one head, trained with
+    the same budget (epochs, lr, batch, sparsity); with one head there are no per-exit loss weights and no
+    self-distillation."""
+    priority = train_cfg.priority.model_copy(update={"start": None, "end": None})
+    return (model_cfg.model_copy(update={"early_exit": False, "exits": None}),
+            train_cfg.model_copy(update={"priority": priority, "distill": 0.0}))
 
 
 def train_task(
@@ -216,15 +225,32 @@ def save_trained(model: DynAdapterViT, trained: Trained, out_dir: str | Path, *,
 
 
 def load_trained(out_dir: str | Path, checkpoint: str | Path | None) -> tuple[DynAdapterViT, Trained, ModelConfig]:
-    """Rebuild a model saved by `save_trained` on the backbone `checkpoint` (unmerged, eval mode)."""
+    """Rebuild a model saved by `save_trained` on the backbone `checkpoint` (unmerged, eval mode).
+
+    A missing, truncated or corrupt file, or weights that do not fit the architecture the JSON describes
+    (another model, PETL method or number of classes), raise CheckpointMismatchError naming the file (and
+    the keys and shapes)."""
     out = Path(out_dir)
-    info = json.loads((out / ADAPTER_INFO).read_text())
-    backbone_cfg = BackboneConfig.model_validate(info["backbone"])
-    model_cfg = ModelConfig.model_validate(info["model"])
-    model = build_model(backbone_cfg, model_cfg, int(info["num_classes"]), None, checkpoint)
-    load_trainable_state(model, load_file(str(out / ADAPTER_FILE)))
+    info_path, weights_path = out / ADAPTER_INFO, out / ADAPTER_FILE
+    try:
+        info = json.loads(info_path.read_text())
+        backbone_cfg = BackboneConfig.model_validate(info["backbone"])
+        model_cfg = ModelConfig.model_validate(info["model"])
+        num_classes = int(info["num_classes"])
+        trained = Trained(**info["trained"])
+    except Exception as err:  # OSError, JSONDecodeError, KeyError, ValidationError, TypeError
+        detail = " ".join(str(err).split())[:400]  # pydantic names the field on its second line
+        raise CheckpointMismatchError(f"{info_path}: unreadable trained-model description "
+                                      f"({type(err).__name__}: {detail})") from err
+    model = build_model(backbone_cfg, model_cfg, num_classes, None, checkpoint)
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # FileNotFoundError, SafetensorError (truncated / not safetensors)
+        raise CheckpointMismatchError(
+            f"{weights_path}: unreadable trained weights ({type(err).__name__}: {err})") from err
+    load_trainable_state(model, state, source=weights_path)
     model.eval()
-    return model, Trained(**info["trained"]), model_cfg
+    return model, trained, model_cfg
 
 
 def load_task_for(base, task: str) -> TaskData:

@@ -7,6 +7,7 @@ before any work starts, with the dotted key path and the offending value in the 
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,6 +325,9 @@ class TuneConfig(Section):
     max_failures: int = Field(
         1, ge=0, description="Retries of a failed trial; each resumes from its last epoch checkpoint.")
     checkpoints_to_keep: int = Field(2, gt=0, description="Epoch checkpoints kept per trial.")
+    storage: str | None = Field(
+        None, description="Where trials keep results and checkpoints: a folder or URI every Ray node reaches "
+        "(shared filesystem, s3://...). null: <paths.models>/checkpoints/tune on this machine.")
     scheduler: AshaConfig = AshaConfig()
     search_space: SearchSpaceConfig = SearchSpaceConfig()
     ray: RayConfig = RayConfig()
@@ -337,26 +341,39 @@ class TuneConfig(Section):
         return v
 
 
+class RegisterConfig(Section):
+    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                       description="Registry alias moved to a new version only when it is at least as good.")
+    model_prefix: str = Field("dynadapter", pattern=r"^[A-Za-z0-9_.-]+$",
+                              description="Registered model name = <model_prefix>-<task> (one model per task).")
+
+
 # ---------------------------------------------------------------------------------------------- top level
 
 
-class Params(Section):
-    """The whole params.yaml. Sections for later stages are optional so each stage can run alone."""
+# `register` is also a classmethod name pydantic's BaseModel inherits (from ABC registration); the field wins on
+# instances, which is all we use, so pydantic's warning about the shadowing is silenced here only.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
-    model_config = ConfigDict(extra="allow")
-    base: BaseSection = BaseSection()
-    prepare: PrepareConfig = PrepareConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    tune: TuneConfig = TuneConfig()
+    class Params(Section):
+        """The whole params.yaml. Sections for later stages are optional so each stage can run alone."""
 
-    @model_validator(mode="after")
-    def _tune_tasks_known(self) -> Params:
-        unknown = [t for t in self.tune.tasks or [] if t not in self.base.tasks]
-        if unknown:
-            raise ValueError(f"tune.tasks {unknown} are not in base.tasks {self.base.tasks}")
-        return self
+        model_config = ConfigDict(extra="allow")
+        base: BaseSection = BaseSection()
+        prepare: PrepareConfig = PrepareConfig()
+        pretrain: PretrainConfig = PretrainConfig()
+        train: TrainConfig = TrainConfig()
+        evaluate: EvaluateConfig = EvaluateConfig()
+        tune: TuneConfig = TuneConfig()
+        register: RegisterConfig = RegisterConfig()
+
+        @model_validator(mode="after")
+        def _tune_tasks_known(self) -> Params:
+            unknown = [t for t in self.tune.tasks or [] if t not in self.base.tasks]
+            if unknown:
+                raise ValueError(f"tune.tasks {unknown} are not in base.tasks {self.base.tasks}")
+            return self
 
 
 KNOWN_SECTIONS = {"base", "prepare", "pretrain", "train", "tune", "evaluate", "register"}

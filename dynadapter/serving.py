@@ -175,6 +175,8 @@ class DynamicPredictor:
         if hasattr(images, "to_numpy") and not isinstance(images, torch.Tensor):  # a pandas frame
             images = images.to_numpy()
         if isinstance(images, torch.Tensor):
+            if images.dtype != torch.float32:  # before .numpy(), which cannot even convert bfloat16
+                raise ValueError(f"expected {self.expected}; got dtype {images.dtype}")
             images = images.detach().cpu().numpy()
         if not isinstance(images, np.ndarray):
             raise ValueError(f"expected {self.expected}; got {type(images).__name__}")

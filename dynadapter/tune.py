@@ -23,6 +23,7 @@ import yaml
 from dynadapter.config import DeepSpeedConfig, Params, RayConfig, TrainConfig, TuneConfig
 
 METRIC = "val_budget_acc"  # mean over tune tasks of val accuracy at base.budget, thresholds calibrated on val
+STOPPED = "stopped"  # in a trial's last result: why it stopped without finishing (its loss went non-finite)
 MODE = "max"
 TRAINABLE_CPU = 0.01  # the trial's driver function only waits on its TorchTrainer (Ray rejects 0)
 
@@ -52,7 +53,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict
         else:
             from dynadapter.train.deepspeed import free_port
 
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
+            # "local": a new instance; with address=None Ray would join any `ray start` head on this machine
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
                      dashboard_host="127.0.0.1", dashboard_port=free_port())
     return dict(ray.cluster_resources())
 
@@ -379,7 +381,38 @@ def _run_trial(config: dict, *, static: dict) -> None:
             failure_config=ray.train.FailureConfig(max_failures=static["max_failures"]),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:
+        reason = _nonfinite_reason(err)
+        if reason is None:
+            raise
+        # A diverging loss is deterministic: Tune's retry would diverge again, as Ray Train's one did. End
+        # the trial with the reason as its last result; its checkpoints, written before the bad step, stay.
+        tune.report({METRIC: float("nan"), STOPPED: reason})
+
+
+def _nonfinite_reason(err: BaseException) -> str | None:
+    """The NonFiniteLossError message behind a failed TorchTrainer run, or None if it failed otherwise."""
+    import re
+
+    from dynadapter.train.loop import NonFiniteLossError
+
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        text = str(e).strip()
+        found = re.findall(r"NonFiniteLossError: ([^\n]+)", text)  # a worker's traceback ends with it
+        if found:
+            return found[-1].strip()
+        if isinstance(e, NonFiniteLossError) and text:
+            return text.splitlines()[-1]
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                 *(getattr(e, "worker_failures", None) or {}).values()]
+    return None
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -396,6 +429,7 @@ class TuneOutcome:
     best_trial: str
     trials: list[dict[str, Any]] = field(default_factory=list)  # one row per trial
     path: str = ""  # the experiment folder (Tuner.restore / ResultGrid)
+    histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # trial id -> per-epoch metrics
 
     def table(self):
         """`trials` as a pandas DataFrame (one row per trial)."""
@@ -523,13 +557,29 @@ def run_tune(
     return _outcome(results, params.train)
 
 
+HISTORY_KEYS = ("epoch", METRIC, "val_budget_fraction", "val_acc_mean", "val_acc_last", "train_loss", "step_seconds")
+
+
+def _history(df) -> list[dict[str, float]]:
+    """A trial's reported metrics, one row per report (epoch), numeric columns only."""
+    if df is None or "epoch" not in getattr(df, "columns", []):
+        return []
+    df = df[df["epoch"].notna()]  # a stopped trial's last result is only its reason
+    cols = [c for c in df.columns if c in HISTORY_KEYS or c.startswith(f"{METRIC}_")]
+    return [{k: float(v) for k, v in row.items() if v == v} for row in df[cols].to_dict("records")]
+
+
 def _outcome(results, train: TrainConfig) -> TuneOutcome:
     rows = []
+    histories = {}
     for r in results:
         df = r.metrics_dataframe
         has = df is not None and METRIC in getattr(df, "columns", [])
         config = {k: v for k, v in (r.config or {}).items()}
         last = r.metrics or {}
+        stopped = last.get(STOPPED) if isinstance(last.get(STOPPED), str) else None
+        if stopped and has and df[METRIC].notna().any():  # figures of its last epoch, before it stopped
+            last = df[df[METRIC].notna()].iloc[-1].to_dict()
         rows.append({
             "trial_id": last.get("trial_id"),
             METRIC: float(df[METRIC].max()) if has else float("nan"),
@@ -540,15 +590,18 @@ def _outcome(results, train: TrainConfig) -> TuneOutcome:
             "val_budget_fraction": float(last["val_budget_fraction"]) if "val_budget_fraction" in last
             else float("nan"),
             **overrides_from(config, train),
-            "error": repr(r.error) if r.error else None,
+            "error": repr(r.error) if r.error else stopped,
             "path": r.path,
         })
-    scored = [row for row in rows if not math.isnan(row[METRIC])]
+        histories[str(last.get("trial_id"))] = _history(df)
+    # Only trials that ended without error compete: a trial that diverged or crashed for good may have
+    # scored well before it did, but its settings do not train.
+    scored = [row for row in rows if row["error"] is None and not math.isnan(row[METRIC])]
     if not scored:
         errors = "; ".join(str(row["error"]) for row in rows)
-        raise RuntimeError(f"no tune trial reported {METRIC}: {errors}")
-    best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
-    best_row = next(row for row in rows if row["path"] == best.path)
+        raise RuntimeError(f"no tune trial finished with a {METRIC}: {errors}")
+    best_row = max(scored, key=lambda row: row[METRIC])  # the first on ties
+    best = next(r for r in results if r.path == best_row["path"])
     return TuneOutcome(
         metric=METRIC,
         best_metric=best_row[METRIC],
@@ -557,6 +610,7 @@ def _outcome(results, train: TrainConfig) -> TuneOutcome:
         best_trial=str(best_row["trial_id"]),
         trials=rows,
         path=str(results.experiment_path),
+        histories=histories,
     )
 
 

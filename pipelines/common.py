@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -74,3 +75,39 @@ def epoch_printer(label: str, epochs: int):
               f"({metrics.get('seconds', 0.0):.1f}s)", flush=True)
 
     return report
+
+
+@contextlib.contextmanager
+def stage_tracking(params: Params, stage: str, sections: list[str] | None = None):
+    """The pipeline's MLflow parent run, with this stage's resolved config logged on it.
+
+    The tracking store is checked first: an unreachable server or unusable database stops the stage before
+    any work (exit 3, the URI in the message) instead of failing after training. Stages of one pipeline run
+    share a parent run (`dynadapter.tracking.pipeline_id_for`); the tracking URI is resolved against the
+    project root (the working directory, as under `dvc repro`)."""
+    from dynadapter.tracking import (TrackingUnavailableError, check_tracking_server, pipeline_id_for,
+                                     pipeline_run, resolve_tracking_uri)
+
+    root = Path.cwd()
+    uri = resolve_tracking_uri(params.base.mlflow.tracking_uri, root)
+    try:
+        check_tracking_server(uri)
+    except TrackingUnavailableError as err:
+        print(f"error: base.mlflow.tracking_uri: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
+    with pipeline_run(uri, params.base.mlflow.experiment, pipeline_id_for(params, root), stage=stage,
+                      config=params, sections=sections or ["base", stage]) as parent:
+        yield parent
+
+
+@contextlib.contextmanager
+def tracked_task(parent, task: str, variant: str, params: dict | None = None, *, stage: str):
+    """The nested MLflow run of one task and model variant of `stage` (None when there is no parent run)."""
+    if parent is None:
+        yield None
+        return
+    from dynadapter.tracking import task_run
+
+    with task_run(parent, task, stage=stage, params=params, tags={"dynadapter.variant": variant},
+                  run_name=f"{stage}-{task}-{variant}") as run:
+        yield run

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import load_stage_params, save_stage_config, stage_parser
+from pipelines.common import load_stage_params, save_stage_config, stage_parser, stage_tracking, tracked_task
 
 DESCRIPTION = """Evaluate the trained models of every task in base.tasks at the FLOPs budget base.budget.
 
@@ -18,8 +18,12 @@ exit histogram; the val-calibrated threshold sweep evaluated on test (accuracy v
 frontier (non-dominated points); accuracy of each exit alone; measured CPU throughput of compacted dynamic
 inference against full depth on the same test batch (evaluate.throughput_batch images, 0 = skip).
 For the full-depth baseline: test accuracy and MACs.
-Outputs in <paths.outputs>/evaluate/: metrics.json (DVC metrics), per_task.json, and the plots
-budget_curve, pareto, exit_hist as .csv + .png (rendered locally, viewable offline)."""
+MLflow: a nested run per task and variant with these figures, the sweep, the Pareto table and plot; the
+Dyn-Adapter run also logs the model (a pyfunc that runs compacted dynamic inference, with `budget` or
+`thresholds` as parameters); the suite plots and metrics go on the pipeline's parent run.
+Outputs in <paths.outputs>/evaluate/: metrics.json (DVC metrics), per_task.json, models.json (the logged
+model of each task and its test figures, what `register` reads), and the plots budget_curve, pareto,
+exit_hist as .csv + .png (rendered locally, viewable offline)."""
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
@@ -110,20 +114,38 @@ def render_plots(out: Path, per_task: dict, curve: list[dict], baseline_acc: flo
     plt.close(fig)
 
 
-def run(params) -> tuple[dict, dict]:
-    from dynadapter.adapt import evaluate_task, load_task_for, load_trained
+def log_model(run, model, params, ev, task: str) -> dict:
+    """Log the calibrated Dyn-Adapter model of `task` on its MLflow run; what `register` needs to promote it."""
+    from dynadapter.inference import measure_stage_costs
+    from dynadapter.tracking import log_dynamic_model
+
+    info = log_dynamic_model(run, model, backbone_cfg=params.base.backbone, model_cfg=params.base.model,
+                             costs=measure_stage_costs(model), curve=ev.curve, budget=params.base.budget, task=task)
+    return {"run_id": run.run_id, "model_uri": info.model_uri, "tracking_uri": run.tracking_uri,
+            "test_accuracy": ev.test["accuracy"], "test_macs": ev.test["macs"], "budget": params.base.budget}
+
+
+def run(params, parent=None) -> tuple[dict, dict, dict]:
+    from dynadapter.adapt import TaskResult, evaluate_task, load_task_for, load_trained
+    from dynadapter.tracking import log_task_result
     from dynadapter.train.pretrain import backbone_checkpoint
 
     base = params.base
     checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
     per_task: dict = {}
+    models: dict = {}
     for task in base.tasks:
         data = load_task_for(base, task)
         per_task[task] = {}
         for variant in ("dyn", "baseline"):
             model, trained, _ = load_trained(Path(base.paths.models) / "tasks" / task / variant, checkpoint)
-            ev = evaluate_task(model, data, budget=base.budget, repeats=params.evaluate.throughput_repeats,
-                               throughput_batch=params.evaluate.throughput_batch if variant == "dyn" else 0)
+            with tracked_task(parent, task, variant, {"budget": base.budget}, stage="evaluate") as mlrun:
+                ev = evaluate_task(model, data, budget=base.budget, repeats=params.evaluate.throughput_repeats,
+                                   throughput_batch=params.evaluate.throughput_batch if variant == "dyn" else 0)
+                if mlrun is not None:
+                    log_task_result(mlrun, TaskResult(trained, ev))
+                    if variant == "dyn":
+                        models[task] = log_model(mlrun, model, params, ev, task)
             per_task[task][variant] = {"exits": trained.exits, "params": trained.params,
                                        "step_seconds": trained.step_seconds, **ev.__dict__}
             print(f"evaluate {task}/{variant}: test acc {ev.test['accuracy']:.4f} at "
@@ -146,7 +168,18 @@ def run(params) -> tuple[dict, dict]:
                       "baseline_test_accuracy": r["baseline"]["test"]["accuracy"],
                       "exit_accuracy": r["dyn"]["test_exit_accuracy"]} for t, r in per_task.items()},
     }
-    return metrics, per_task
+    return metrics, per_task, models
+
+
+def log_suite(parent, out: Path, metrics: dict) -> None:
+    """The suite figures on the pipeline's parent run: scalar metrics, plots and the tables behind them."""
+    from dynadapter.tracking import log_metrics
+
+    log_metrics(parent, {k: v for k, v in metrics.items() if k != "tasks"}, prefix="evaluate_")
+    for name in ("budget_curve", "pareto", "exit_hist"):
+        for ext in (".png", ".csv"):
+            parent.client.log_artifact(parent.run_id, str(out / f"{name}{ext}"), "evaluate")
+    parent.client.log_artifact(parent.run_id, str(out / "metrics.json"), "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,17 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     params = load_stage_params(args)
     out = Path(params.base.paths.outputs) / "evaluate"
     start = time.perf_counter()
-    metrics, per_task = run(params)
-    out.mkdir(parents=True, exist_ok=True)
-    curve = suite_curve(per_task)
-    _write_csv(out / "budget_curve.csv", curve)
-    _write_csv(out / "exit_hist.csv", [
-        {"task": t, "exit": e, "block": r["dyn"]["exits"][e], "fraction": f}
-        for t, r in per_task.items() for e, f in enumerate(r["dyn"]["test"]["exit_fraction"])])
-    render_plots(out, per_task, curve, metrics["baseline_test_accuracy"])
-    save_stage_config(params, "evaluate", out)
-    (out / "per_task.json").write_text(json.dumps(per_task, indent=1) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with stage_tracking(params, "evaluate") as parent:
+        metrics, per_task, models = run(params, parent)
+        out.mkdir(parents=True, exist_ok=True)
+        curve = suite_curve(per_task)
+        _write_csv(out / "budget_curve.csv", curve)
+        _write_csv(out / "exit_hist.csv", [
+            {"task": t, "exit": e, "block": r["dyn"]["exits"][e], "fraction": f}
+            for t, r in per_task.items() for e, f in enumerate(r["dyn"]["test"]["exit_fraction"])])
+        render_plots(out, per_task, curve, metrics["baseline_test_accuracy"])
+        save_stage_config(params, "evaluate", out)
+        (out / "per_task.json").write_text(json.dumps(per_task, indent=1) + "\n")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (out / "models.json").write_text(json.dumps(models, indent=2) + "\n")
+        log_suite(parent, out, metrics)
     print(f"evaluate: mean test acc {metrics['dyn_test_accuracy']:.4f} (Dyn-Adapter at budget {params.base.budget}) "
           f"vs {metrics['baseline_test_accuracy']:.4f} (full depth); done in {time.perf_counter() - start:.1f} s")
     return 0

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from dynadapter.config import ConfigError, Params, load_params
-from pipelines.common import epoch_printer, load_stage_params, save_stage_config, stage_parser
+from dynadapter.config import ConfigError, Params
+from pipelines.common import (epoch_printer, load_stage_params, save_stage_config, stage_parser, stage_tracking,
+                              tracked_task)
 
 DESCRIPTION = """Train the final models, one pair per task in base.tasks:
 
@@ -20,6 +21,8 @@ DESCRIPTION = """Train the final models, one pair per task in base.tasks:
 
 Both train on train800 with model selection on val200 only; test is not read here. Each run checkpoints
 after every epoch (<paths.models>/checkpoints/train/) and resumes after an interruption.
+MLflow: one nested run per task and variant (per-epoch metrics, parameter counts, step time) under the
+pipeline's parent run.
 Outputs: <paths.models>/tasks/<task>/{dyn,baseline}/ (PETL + head weights and the config that rebuilds the
 model on the backbone), <paths.outputs>/train/{metrics.json,train_config.yaml}."""
 
@@ -36,15 +39,18 @@ def best_overrides(path: str | Path | None) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in data.items()]
 
 
-def variant_model(params: Params, variant: str):
-    """The model config of a variant: the configured one, or the same PETL module at full depth, no exits."""
+def variant_configs(params: Params, variant: str):
+    """(model, train) configs of a variant: the configured Dyn-Adapter, or its full-depth PETL baseline."""
     if variant == "dyn":
-        return params.base.model
-    return params.base.model.model_copy(update={"early_exit": False, "exits": None})
+        return params.base.model, params.train
+    from dynadapter.adapt import full_depth_baseline
+
+    return full_depth_baseline(params.base.model, params.train)
 
 
-def run(params: Params, stdout=sys.stdout) -> dict:
+def run(params: Params, parent=None, stdout=sys.stdout) -> dict:
     from dynadapter.adapt import load_task_for, save_trained, train_task
+    from dynadapter.tracking import log_task_result
     from dynadapter.train.pretrain import backbone_checkpoint
 
     base, cfg = params.base, params.train
@@ -55,12 +61,16 @@ def run(params: Params, stdout=sys.stdout) -> dict:
         data = load_task_for(base, task)
         summary["tasks"][task] = {}
         for variant in VARIANTS:
-            model_cfg = variant_model(params, variant)
-            trained, model = train_task(
-                task, data, base.backbone, model_cfg, cfg, checkpoint, seed=base.seed,
-                checkpoint_path=models_dir / "checkpoints" / "train" / f"{task}-{variant}.pt",
-                on_epoch_end=epoch_printer(f"train {task}/{variant}", cfg.epochs),
-            )
+            model_cfg, train_cfg = variant_configs(params, variant)
+            with tracked_task(parent, task, variant, {"model": model_cfg, "train": train_cfg},
+                              stage="train") as mlrun:
+                trained, model = train_task(
+                    task, data, base.backbone, model_cfg, train_cfg, checkpoint, seed=base.seed,
+                    checkpoint_path=models_dir / "checkpoints" / "train" / f"{task}-{variant}.pt",
+                    on_epoch_end=epoch_printer(f"train {task}/{variant}", cfg.epochs),
+                )
+                if mlrun is not None:
+                    log_task_result(mlrun, trained)
             save_trained(model, trained, models_dir / "tasks" / task / variant, backbone_cfg=base.backbone,
                          model_cfg=model_cfg, num_classes=data.num_classes)
             best = trained.history[trained.best_epoch - 1]
@@ -78,18 +88,25 @@ def run(params: Params, stdout=sys.stdout) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("train", DESCRIPTION)
-    parser.add_argument("--best", default="outputs/tune/best_params.yaml",
-                        help="tuned overrides from the tune stage (default: %(default)s; ignored if absent)")
+    parser.add_argument("--best", default=None,
+                        help="tuned overrides from the tune stage (default: <paths.outputs>/tune/best_params.yaml; "
+                             "ignored if absent); --set values win over them")
     args = parser.parse_args(argv)
+    params = load_stage_params(args)
+    best = args.best or Path(params.base.paths.outputs) / "tune" / "best_params.yaml"
     try:
-        args.overrides = best_overrides(args.best) + list(args.overrides)
+        tuned = best_overrides(best)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    params = load_stage_params(args)
+    if tuned:
+        args.overrides = tuned + list(args.overrides)
+        params = load_stage_params(args)
+        print(f"train: tuned values from {best}: {', '.join(tuned)}")
     out_dir = Path(params.base.paths.outputs) / "train"
     start = time.perf_counter()
-    summary = run(params)
+    with stage_tracking(params, "train") as parent:
+        summary = run(params, parent)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_stage_config(params, "train", out_dir)

@@ -1,7 +1,9 @@
-"""The DVC stage entry points on a tiny configuration: prepare -> pretrain -> train -> evaluate, in process.
+"""The DVC stage entry points on a tiny configuration: prepare -> pretrain -> tune -> train -> evaluate ->
+register, in process (tune on the session's local Ray), tracked in a temporary MLflow sqlite store.
 
-Asserts on what each stage writes (resolved config, metrics, plots, model files) and on their values, and
-that a params mistake stops a stage before any work with exit code 2 naming the key.
+Asserts on what each stage writes (resolved config, metrics, plots, model files, MLflow runs, registry
+decisions) and on their values, and that a params mistake stops a stage before any work with exit code 2
+naming the key.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pipelines import evaluate, prepare, pretrain, train
+from pipelines import evaluate, prepare, pretrain, register, train, tune
 
 TINY_BACKBONE = {"img_size": 16, "patch_size": 8, "embed_dim": 24, "depth": 4, "num_heads": 2}
 
@@ -25,17 +27,26 @@ def tiny_params(root) -> dict:
             "tasks": ["size", "digits"],
             "backbone": {"name": "vit_tiny_patch16_224", "checkpoint": None, "overrides": TINY_BACKBONE},
             "budget": 0.5,
+            "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tiny"},
         },
         "prepare": {"embedded": {"image_size": 16, "train": 48, "val": 24, "test": 40,
                                  "upstream_train": 96, "upstream_val": 32}},
         "pretrain": {"epochs": 1, "batch_size": 32},
         "train": {"epochs": 2, "batch_size": 16, "lr": 0.005},
         "evaluate": {"throughput_batch": 16, "throughput_repeats": 1},
+        "tune": {"num_samples": 2, "epochs": 1, "tasks": ["size"],
+                 "search_space": {"p_max": [0.0, 0.4], "p_min": None, "q": [0.0, 0.3],
+                                  "priority_start": [0.5, 2.0], "priority_end": None, "lr": None},
+                 "ray": {"cpus_per_worker": 1.0}},
     }
 
 
+STAGES = (("prepare", prepare), ("pretrain", pretrain), ("tune", tune), ("train", train), ("evaluate", evaluate),
+          ("register", register))
+
+
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("pipeline")
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(root)))
@@ -43,9 +54,8 @@ def pipeline_run(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         codes = {}
-        for name, stage in (("prepare", prepare), ("pretrain", pretrain), ("train", train), ("evaluate", evaluate)):
-            argv = ["--params", str(params)] + (["--best", str(root / "none.yaml")] if name == "train" else [])
-            codes[name] = stage.main(argv)
+        for name, stage in STAGES:
+            codes[name] = stage.main(["--params", str(params)])
     finally:
         torch.set_num_threads(threads)
     return root, codes
@@ -53,7 +63,7 @@ def pipeline_run(tmp_path_factory):
 
 def test_every_stage_succeeds_and_saves_its_resolved_config(pipeline_run):
     root, codes = pipeline_run
-    assert codes == {"prepare": 0, "pretrain": 0, "train": 0, "evaluate": 0}
+    assert codes == {name: 0 for name, _ in STAGES}
     for stage in codes:
         cfg = yaml.safe_load((root / "outputs" / stage / f"{stage}_config.yaml").read_text())
         assert set(cfg) == {"base", stage}
@@ -100,7 +110,7 @@ def test_evaluate_metrics_and_plots(pipeline_run):
         assert (out / f"{name}.csv").read_text().count("\n") >= 2
 
 
-@pytest.mark.parametrize("stage", [prepare, pretrain, train, evaluate])
+@pytest.mark.parametrize("stage", [stage for _, stage in STAGES])
 @pytest.mark.parametrize("override, key", [("base.budget=1.5", "base.budget"), ("base.sed=1", "base.sed")])
 def test_params_mistake_stops_stage_naming_the_key(tmp_path, capsys, stage, override, key):
     params = tmp_path / "params.yaml"
@@ -110,3 +120,102 @@ def test_params_mistake_stops_stage_naming_the_key(tmp_path, capsys, stage, over
     assert exit_info.value.code == 2
     assert key in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists()  # stopped before any work
+
+
+def test_tune_writes_best_params_that_train_applies(pipeline_run):
+    root, _ = pipeline_run
+    out = root / "outputs/tune"
+    best = yaml.safe_load((out / "best_params.yaml").read_text())
+    assert set(best) == {"train.sparsity.p_max", "train.sparsity.q", "train.priority.start"}
+    assert 0.0 <= best["train.sparsity.p_max"] <= 0.4 and 0.0 <= best["train.sparsity.q"] <= 0.3
+    assert len(best["train.priority.start"]) == 4  # one weight per exit
+    trials = (out / "trials.csv").read_text().strip().splitlines()
+    assert len(trials) == 1 + 2  # header + num_samples
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trials"] == 2 and 0.0 <= metrics["best_val_budget_acc"] <= 1.0
+    # the train stage ran with the tuned values
+    resolved = yaml.safe_load((root / "outputs/train/train_config.yaml").read_text())["train"]
+    assert resolved["sparsity"]["p_max"] == pytest.approx(best["train.sparsity.p_max"])
+    assert resolved["priority"]["start"] == pytest.approx(best["train.priority.start"])
+
+
+def _runs(root):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_mlflow_has_one_parent_with_nested_runs_per_trial_and_task(pipeline_run):
+    root, _ = pipeline_run
+    client, runs = _runs(root)
+    parents = [r for r in runs if r.data.tags.get("dynadapter.kind") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    for stage, _ in STAGES[2:]:
+        assert parent.data.tags[f"dynadapter.stage_status.{stage}"] == "FINISHED"
+    assert parent.data.params["base.budget"] == "0.5"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    by_stage = {}
+    for r in children:
+        by_stage.setdefault(r.data.tags["dynadapter.stage"], []).append(r)
+    assert len(by_stage["tune"]) == 2  # one per trial, recorded once
+    assert len(by_stage["train"]) == 4 and len(by_stage["evaluate"]) == 4  # 2 tasks x (dyn, baseline)
+    trial = by_stage["tune"][0]
+    assert "val_budget_acc" in trial.data.metrics and "train.sparsity.p_max" in trial.data.params
+    dyn_eval = next(r for r in by_stage["evaluate"] if r.data.tags["dynadapter.variant"] == "dyn")
+    assert 0.0 <= dyn_eval.data.metrics["test_accuracy"] <= 1.0
+    assert "test_acc_exit_3" in dyn_eval.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluate")}
+    assert {"evaluate/pareto.png", "evaluate/pareto.csv", "evaluate/budget_curve.png"} <= artifacts
+
+
+def test_register_promotes_first_versions_and_champion_serves_dynamic_inference(pipeline_run):
+    import mlflow
+    import numpy as np
+
+    root, _ = pipeline_run
+    decisions = json.loads((root / "outputs/register/decisions.json").read_text())
+    models = json.loads((root / "outputs/evaluate/models.json").read_text())
+    for task in ("size", "digits"):
+        d = decisions[task]
+        assert d["promoted"] and d["version"] == "1" and d["champion"] == "1" and "no champion" in d["reason"]
+        assert d["test_accuracy"] == models[task]["test_accuracy"]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/dynadapter-size@champion")
+    x = np.random.default_rng(0).random((5, 3, 16, 16), dtype=np.float32)
+    full = model.predict(x, params={"thresholds": [2.0, 2.0, 2.0, 2.0]})  # nobody leaves early
+    assert list(full["exit_index"]) == [3] * 5
+    cheap = model.predict(x, params={"thresholds": [0.0, 0.0, 0.0, 0.0]})  # everyone leaves at exit 0
+    assert list(cheap["exit_index"]) == [0] * 5 and cheap["macs"].max() < full["macs"].min()
+
+
+def test_register_twice_changes_nothing(pipeline_run):
+    from mlflow import MlflowClient
+
+    root, _ = pipeline_run
+    before = json.loads((root / "outputs/register/decisions.json").read_text())
+    assert register.main(["--params", str(root / "params.yaml")]) == 0
+    after = json.loads((root / "outputs/register/decisions.json").read_text())
+    assert [after[t]["version"] for t in after] == [before[t]["version"] for t in before]
+    assert not any(d["created"] for d in after.values())
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    assert len(client.search_model_versions("name = 'dynadapter-size'")) == 1
+
+
+def test_unreachable_tracking_server_stops_stage_before_work(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(tmp_path)))
+    uri = f"http://127.0.0.1:{port}"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--params", str(params), "--set", f"base.mlflow.tracking_uri={uri}"])
+    assert exit_info.value.code == 3
+    assert uri in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()

@@ -274,3 +274,27 @@ def test_tune_runs_trials_with_train_workers_and_survives_a_crash(ray_session, t
     apply_overrides_to(params.train, best)  # the train stage can apply them as they are
     for trial in (tmp_path / "ray" / "tune" / "train_runs").iterdir():  # per-epoch checkpoints, kept
         assert (trial / "epoch_0002" / "rank0.pt").exists()
+
+
+def test_init_ray_without_address_starts_its_own_instance_beside_a_running_one(ray_session):
+    """With no address, Ray's own default joins the cluster of the last `ray start` on the machine (recorded
+    in <RAY_TMPDIR>/ray/ray_current_cluster); the pipeline must start its own local instance, sized as asked."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
+        code = ("import ray; from dynadapter.tune import init_ray; "
+                "print('CPU', init_ray(num_cpus=1)['CPU']); ray.shutdown()")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CPU 1.0" in out.stdout, out.stdout + out.stderr[-3000:]

@@ -379,14 +379,23 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    result = model.load_state_dict(state, strict=False)
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path | None = None) -> None:
+    """Load what `trainable_state` saved. Checked before anything is copied: keys or shapes that do not fit
+    (another architecture, PETL method or number of classes) raise CheckpointMismatchError naming `source`
+    (the file), the keys and the shapes, and leave the model as it was."""
+    own = model.state_dict()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    missing = [k for k in result.missing_keys if k not in frozen]
-    if result.unexpected_keys or missing:
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and k not in frozen]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and tuple(getattr(v, "shape", ())) != tuple(own[k].shape)]
+    if unexpected or missing or shapes:
+        where = f"{source}: " if source is not None else ""
         raise CheckpointMismatchError(
-            f"checkpoint state does not fit the model: unexpected {result.unexpected_keys[:10]}, missing {missing[:10]}"
+            f"{where}checkpoint state does not fit the model: unexpected {unexpected[:10]}, missing {missing[:10]}"
+            + (f", shape mismatches ({len(shapes)}) {shapes[:10]}" if shapes else "")
         )
+    model.load_state_dict(state, strict=False)
 
 
 def frozen_fingerprint(model: nn.Module) -> float:
@@ -420,8 +429,14 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A trainer checkpoint, loaded safely (weights_only=True) onto the CPU."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """A trainer checkpoint, loaded safely (weights_only=True) onto the CPU. An unreadable file (truncated,
+    corrupt, not a checkpoint, or holding objects other than tensors and primitives) raises
+    CheckpointMismatchError naming it, so `fit_resumable` starts over instead of crashing."""
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # RuntimeError (bad zip), EOFError (empty), UnpicklingError (unsafe objects), ...
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise CheckpointMismatchError(f"{path}: unreadable trainer checkpoint ({type(err).__name__}: {first})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatchError(f"{path}: not a dynadapter trainer checkpoint ({CHECKPOINT_FORMAT})")
     return ckpt
@@ -607,7 +622,7 @@ def fit(
     try:  # from here on the masker's hooks are installed: always remove them
         if ckpt_path is not None and ckpt_path.exists():
             ckpt = _load_for_resume(ckpt_path, run_id, fingerprint)
-            load_trainable_state(model, ckpt["model"])
+            load_trainable_state(model, ckpt["model"], source=ckpt_path)
             strat.load_state_dict(ckpt["strategy"])
             _set_rng_state(ckpt["rng"], shuffle, masker)
             history = list(ckpt["history"])

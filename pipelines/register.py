@@ -1,0 +1,58 @@
+"""DVC stage `register`: register each task's evaluated Dyn-Adapter model and promote it only if it is better."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from dynadapter.config import Params
+from pipelines.common import load_stage_params, save_stage_config, stage_parser, stage_tracking
+
+DESCRIPTION = """Register the models the evaluate stage logged, one registered model per task
+(<register.model_prefix>-<task>), and move the alias register.alias (default `champion`) to the new version
+only if its test accuracy at base.budget is at least the current champion's (a tie goes to fewer MACs per
+image), or if there is no champion yet. The decision, its reason and both models' figures are recorded as tags
+and in the description of the new version. Running the stage again changes nothing: a version already
+decided is left as it is; one whose registration was interrupted gets its decision finished.
+Load the champion with mlflow.pyfunc.load_model("models:/<name>@champion") after
+mlflow.set_tracking_uri(<base.mlflow.tracking_uri>).
+Reads <paths.outputs>/evaluate/models.json. Outputs: <paths.outputs>/register/decisions.json."""
+
+
+def run(params: Params, parent) -> dict:
+    from dynadapter.tracking import model_name_for, promote
+
+    base, cfg = params.base, params.register
+    models = json.loads((Path(base.paths.outputs) / "evaluate" / "models.json").read_text())
+    missing = [t for t in base.tasks if t not in models]
+    if missing:
+        raise SystemExit(f"error: {base.paths.outputs}/evaluate/models.json has no model for {missing}: "
+                         "rerun the evaluate stage")
+    decisions = {}
+    for task in base.tasks:
+        m = models[task]
+        name = model_name_for(task, cfg.model_prefix)
+        decision = promote(parent.client, name, m["model_uri"], run_id=m["run_id"], test_accuracy=m["test_accuracy"],
+                           macs=m["test_macs"], budget=m["budget"], alias=cfg.alias)
+        decisions[task] = {**asdict(decision), "test_accuracy": m["test_accuracy"], "test_macs": m["test_macs"]}
+        verdict = f"promoted to @{cfg.alias}" if decision.promoted else f"not promoted (@{cfg.alias} stays v{decision.champion})"
+        print(f"register {name} v{decision.version}: {verdict}: {decision.reason}")
+    return decisions
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_parser("register", DESCRIPTION).parse_args(argv)
+    params = load_stage_params(args)
+    out = Path(params.base.paths.outputs) / "register"
+    with stage_tracking(params, "register") as parent:
+        decisions = run(params, parent)
+    out.mkdir(parents=True, exist_ok=True)
+    save_stage_config(params, "register", out)
+    (out / "decisions.json").write_text(json.dumps(decisions, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

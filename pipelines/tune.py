@@ -1,0 +1,115 @@
+"""DVC stage `tune`: Ray Tune (ASHA) over sparsity ratios and head-balancing weights, scored on val."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from dynadapter.config import Params, section_dict
+from pipelines.common import load_stage_params, save_stage_config, stage_parser, stage_tracking
+
+DESCRIPTION = """Search the Dyn-Adapter training settings in tune.search_space with Ray Tune.
+
+Each trial trains base.model on the tune tasks (tune.tasks, default base.tasks) for tune.epochs with the
+`train` section plus the trial's sampled values (sparsity ratios p_max, p_min, q; per-exit loss weights at
+the start and end of training; optionally lr). A trial is a Ray Train TorchTrainer whose workers train through
+a DeepSpeed engine (tune.deepspeed: ZeRO stage and precision; NCCL + bf16 on CUDA, gloo + fp32 on CPU).
+The metric, reported every epoch, is the mean over tasks of val accuracy at base.budget after calibrating the
+exit thresholds on val; test is never read. ASHA stops weak trials early.
+
+Ray: tune.ray.address, else $RAY_ADDRESS, else a local Ray on this machine's CPUs. Trial checkpoints live in
+tune.storage (default <paths.models>/checkpoints/tune): an interrupted stage, rerun with the same params,
+resumes its sweep where it stopped (finished trials are not rerun, a cut trial continues from its last epoch).
+MLflow: one nested run per trial (per-epoch metrics, sampled values) under the pipeline's parent run.
+Outputs in <paths.outputs>/tune/: best_params.yaml (dotted train.* keys the train stage applies), trials.csv
+(every trial), metrics.json, tune_config.yaml."""
+
+SECTIONS = ["base", "train", "tune"]
+
+
+def experiment_name(params: Params) -> str:
+    """Same params, same name: a rerun after an interruption resumes the sweep; changed params start a new one."""
+    text = json.dumps(section_dict(params, *SECTIONS), sort_keys=True, default=str)
+    return "tune-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def write_trials(rows: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def log_trials(parent, outcome, tasks: list[str]) -> None:
+    """One nested MLflow run per trial: its sampled values, per-epoch metrics and final figures."""
+    from dynadapter.tracking import log_history, log_metrics, task_run
+
+    for row in outcome.trials:
+        trial = str(row["trial_id"])
+        overrides = {k: v for k, v in row.items() if k.startswith("train.")}
+        tags = {"dynadapter.trial_id": trial, "dynadapter.best": str(trial == outcome.best_trial).lower()}
+        if row.get("error"):
+            tags["dynadapter.error"] = str(row["error"])[:5000]
+        with task_run(parent, ",".join(tasks), stage="tune", params=overrides, tags=tags,
+                      run_name=f"tune-{trial}") as run:
+            log_history(run, outcome.histories.get(trial, []))
+            log_metrics(run, {k: row[k] for k in (outcome.metric, "epochs", "resumed_from")})
+
+
+def run(params: Params, parent=None) -> dict:
+    import ray
+
+    from dynadapter.train.pretrain import backbone_checkpoint
+    from dynadapter.tune import init_ray, run_tune, write_best_params
+
+    base, cfg = params.base, params.tune
+    out = Path(base.paths.outputs) / "tune"
+    out.mkdir(parents=True, exist_ok=True)
+    started_here = not ray.is_initialized()
+    resources = init_ray(cfg.ray.address)
+    print(f"tune: Ray with {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
+    storage = cfg.storage or str(Path(base.paths.models) / "checkpoints" / "tune")
+    tasks = list(cfg.tasks or base.tasks)
+    try:
+        start = time.perf_counter()
+        outcome = run_tune(params, backbone_checkpoint(base.backbone, base.paths.models), storage_path=storage,
+                           name=experiment_name(params), resume=True)
+        seconds = time.perf_counter() - start
+    finally:
+        if started_here:
+            ray.shutdown()
+    write_best_params(outcome, out / "best_params.yaml")
+    write_trials(outcome.trials, out / "trials.csv")
+    if parent is not None:
+        log_trials(parent, outcome, tasks)
+    errored = sum(1 for r in outcome.trials if r.get("error"))
+    metrics = {
+        "best_" + outcome.metric: outcome.best_metric,
+        "best_trial": outcome.best_trial,
+        "trials": len(outcome.trials),
+        "trials_errored": errored,
+        "seconds": round(seconds, 1),
+    }
+    print(f"tune: best {outcome.metric} {outcome.best_metric:.4f} (trial {outcome.best_trial}) over "
+          f"{len(outcome.trials)} trials ({errored} errored) in {seconds:.0f} s: {outcome.best_overrides}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_parser("tune", DESCRIPTION).parse_args(argv)
+    params = load_stage_params(args)
+    out = Path(params.base.paths.outputs) / "tune"
+    with stage_tracking(params, "tune") as parent:  # train.* go on the parent from the train stage (tuned)
+        metrics = run(params, parent)
+    save_stage_config(params, "tune", out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

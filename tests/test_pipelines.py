@@ -38,6 +38,7 @@ def tiny_params(root) -> dict:
                  "search_space": {"p_max": [0.0, 0.4], "p_min": None, "q": [0.0, 0.3],
                                   "priority_start": [0.5, 2.0], "priority_end": None, "lr": None},
                  "ray": {"cpus_per_worker": 1.0}},
+        "register": {"alias": "champion", "model_prefix": "dynadapter"},
     }
 
 

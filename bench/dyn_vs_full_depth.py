@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dynadapter.adapt import adapt_task, full_depth_baseline, load_task_for
+from dynadapter.adapt import adapt_task, curve_at_budgets, full_depth_baseline, load_task_for
 from dynadapter.config import load_params
 from dynadapter.train.pretrain import backbone_checkpoint
 
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         full, _ = adapt_task(task, data, base.backbone, static_cfg, static_train, checkpoint, budget=1.0,
                              seed=base.seed, progress=False)
         d, f = dyn.to_dict(), full.to_dict()
-        by_budget = {}
-        for p in d["curve"]:
-            if p["budget"] is not None:
-                by_budget[round(p["budget"], 4)] = p
+        by_budget = curve_at_budgets(d["curve"], BUDGETS)
         rows[task] = {
             "dyn_test_acc": d["test"]["accuracy"],
             "dyn_fraction": d["test"]["fraction"],

@@ -176,6 +176,21 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
     )
 
 
+def curve_at_budgets(curve: list[dict[str, Any]], budgets: list[float]) -> dict[float, dict[str, Any]]:
+    """The val-calibrated point of `curve` (Evaluated.curve) for each budget in `budgets`.
+
+    `sweep` keeps one point per distinct threshold set, labelled with the lowest budget that chose it, so a
+    budget whose thresholds equal a lower budget's has no label of its own: its point is the one of the
+    largest labelled budget at or below it. Budgets below every feasible one are left out."""
+    labelled = sorted((p for p in curve if p.get("budget") is not None), key=lambda p: p["budget"])
+    out = {}
+    for b in budgets:
+        below = [p for p in labelled if p["budget"] <= b + 1e-9]
+        if below:
+            out[b] = below[-1]
+    return out
+
+
 def adapt_task(
     task: str,
     data: TaskData,

@@ -32,17 +32,19 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def suite_curve(per_task: dict) -> list[dict]:
-    """Suite-mean test accuracy and MACs fraction per budget, over the budgets every task reached on val."""
-    by_budget: dict[float, list[dict]] = {}
-    for task, res in per_task.items():
-        for p in res["dyn"]["curve"]:
-            if p["budget"] is not None:
-                by_budget.setdefault(p["budget"], []).append(p)
+SUITE_BUDGETS = [round(0.05 * i, 2) for i in range(2, 21)]  # 0.10 ... 1.00
+
+
+def suite_curve(per_task: dict, budgets: list[float] = SUITE_BUDGETS) -> list[dict]:
+    """Suite-mean val and test accuracy and test MACs fraction at each budget every task can meet on val
+    (thresholds calibrated on val per task and budget)."""
+    from dynadapter.adapt import curve_at_budgets
+
+    at = {task: curve_at_budgets(res["dyn"]["curve"], budgets) for task, res in per_task.items()}
     n = len(per_task)
     rows = []
-    for b in sorted(by_budget):
-        pts = by_budget[b]
+    for b in budgets:
+        pts = [a[b] for a in at.values() if b in a]
         if len(pts) == n:
             rows.append({
                 "budget": b,

@@ -403,3 +403,17 @@ def test_dynamic_vs_full_and_batched_runs(kind):
     torch.testing.assert_close(full_depth_forward(model, x), exit_logits[-1], atol=1e-5, rtol=1e-5)
     empty_preds, empty_exits = run_dynamic(model, x[:0], th)
     assert empty_preds.numel() == 0 and empty_exits.numel() == 0
+
+
+def test_curve_at_budgets_fills_budgets_whose_point_was_deduplicated():
+    from dynadapter.adapt import curve_at_budgets
+
+    curve = [  # as sweep leaves it: 0.3 and 0.35 chose the same thresholds, so 0.35 has no label of its own
+        {"budget": None, "val_accuracy": 0.1, "test_accuracy": 0.1},
+        {"budget": 0.3, "val_accuracy": 0.5, "test_accuracy": 0.4},
+        {"budget": 0.4, "val_accuracy": 0.6, "test_accuracy": 0.5},
+    ]
+    at = curve_at_budgets(curve, [0.2, 0.3, 0.35, 0.4, 1.0])
+    assert 0.2 not in at  # below every feasible budget
+    assert at[0.3]["test_accuracy"] == 0.4 and at[0.35]["test_accuracy"] == 0.4
+    assert at[0.4]["test_accuracy"] == 0.5 and at[1.0]["test_accuracy"] == 0.5

@@ -5,7 +5,7 @@ venv's `ray` CLI) and, from the project root, exactly
 
 The job must SUCCEED, write the outputs configured in a tiny params file (absolute paths, so the job writes
 where the test reads, not into Ray's unpacked copy of the project), and the package Ray uploaded must hold the
-code but none of .venv, data, models, outputs or .git (kept out by Ray's default excludes, .git and .venv, and
+code but none of .venv, data, models or .git (kept out by Ray's default excludes, .git and .venv, and
 by the project's .gitignore files, which Ray honours).
 
 The head is separate from the in-process Ray of conftest's `ray_session` (own temp dir, every port free-picked);
@@ -221,7 +221,7 @@ def test_ray_job_submit_runs_a_stage_from_the_project_root(ray_head, tmp_path):
     pkg = pkgs[0]
     for needed in ("pipelines/prepare.py", "dynadapter/config.py", "params.yaml", "pyproject.toml"):
         assert (pkg / needed).is_file(), needed
-    for kept_out in (".venv", "data", "models", "outputs", ".git", "mlruns", "mlflow.db", ".dvc/cache"):
+    for kept_out in (".venv", "data", "models", ".git", "mlruns", "mlflow.db", ".dvc/cache"):  # outputs/: small, git-tracked
         assert not (pkg / kept_out).exists(), f"{kept_out} was uploaded with the working dir"
     size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
     assert size < 20 * 2**20, f"working dir upload is {size / 2**20:.1f} MiB"

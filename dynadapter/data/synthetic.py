@@ -138,14 +138,16 @@ class Scene:
 
     def mask(self, kind: str, cx: float, cy: float, r: float, angle_deg: float = 0.0,
              outline: float = 0.0) -> tuple[np.ndarray, tuple[slice, slice]] | None:
-        """Anti-aliased coverage of a shape centred at (cx, cy) px, radius r px, rotated CCW.
+        """Anti-aliased coverage of a shape centred at (cx, cy) px, radius r px, rotated by `angle_deg`
+        clockwise on screen (image y points down).
 
         Drawn only inside the shape's bounding box (small shapes stay cheap); returns (coverage, window) or
         None when the shape lies outside the image.
         """
         ss, s = SUPERSAMPLE, self.size
         a = np.deg2rad(angle_deg)
-        rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])  # CCW on screen (y down)
+        # (1, 0) -> (cos a, sin a): clockwise on screen, since y points down
+        rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
         pts = (SHAPES[kind] @ rot) * r + (cx, cy)
         pad = outline / 2 + 1
         x0, y0 = (max(0, int(np.floor(v - pad))) for v in pts.min(axis=0))
@@ -256,7 +258,8 @@ def render_position(rng: np.random.Generator, label: int, d: float, s: int) -> n
 
 
 def render_orientation(rng: np.random.Generator, label: int, d: float, s: int) -> np.ndarray:
-    """Direction bin (45° each, CCW from 'right') of an arrow (dSprites-orientation-like, no 180° symmetry)."""
+    """Direction bin (45° each, clockwise on screen from 'right') of an arrow (dSprites-orientation-like, no
+    180° symmetry)."""
     sc = Scene(rng, s, d)
     width = 360.0 / ORIENTATION_BINS
     angle = label * width + rng.uniform(-0.5, 0.5) * _lerp(0.2, 0.96, d) * width

@@ -115,10 +115,6 @@ def save_bundle(
     return out
 
 
-def _costs_from_dict(d: Mapping[str, Any]) -> StageCosts:
-    return StageCosts(int(d["embed_macs"]), list(d["stage_macs"]), list(d["head_macs"]), list(d.get("exits", [])))
-
-
 def load_bundle(path: str | Path, device: str | torch.device | None = None) -> DynamicPredictor:
     """Rebuild the model from its architecture config (timm, no download) and load the stored weights."""
     from safetensors.torch import load_model
@@ -140,7 +136,7 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None) -> D
         raise ValueError(f"{path / WEIGHTS_FILE}: weights do not fit the rebuilt model: {err}") from err
     device = torch.device(device) if device is not None else torch.device("cpu")
     model.to(device).eval()
-    costs = _costs_from_dict(json.loads((path / COSTS_FILE).read_text()))
+    costs = StageCosts.from_dict(json.loads((path / COSTS_FILE).read_text()))
     curve = json.loads((path / CURVE_FILE).read_text())
     return DynamicPredictor(model, config, costs, curve)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import os
 import sys
 from pathlib import Path
@@ -62,6 +63,15 @@ def save_stage_config(params: Params, stage: str, out_dir: str | Path) -> Path:
     path = Path(out_dir) / f"{stage}_config.yaml"
     save_resolved(params, ["base", stage], path)
     return path
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows of dicts as CSV; the columns are every key seen, in first-seen order (rows may differ)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row)) or ["empty"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def epoch_printer(label: str, epochs: int):

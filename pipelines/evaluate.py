@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
 from pathlib import Path
 
-from pipelines.common import load_stage_params, save_stage_config, stage_parser, stage_tracking, tracked_task
+from pipelines.common import (load_stage_params, save_stage_config, stage_parser, stage_tracking, tracked_task,
+                              write_csv)
 
 DESCRIPTION = """Evaluate the trained models of every task in base.tasks at the FLOPs budget base.budget.
 
@@ -24,13 +24,6 @@ Dyn-Adapter run also logs the model (a pyfunc that runs compacted dynamic infere
 Outputs in <paths.outputs>/evaluate/: metrics.json (DVC metrics), per_task.json, models.json (the logged
 model of each task and its test figures, what `register` reads), and the plots budget_curve, pareto,
 exit_hist as .csv + .png (rendered locally, viewable offline)."""
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["empty"])
-        w.writeheader()
-        w.writerows(rows)
-
 
 SUITE_BUDGETS = [round(0.05 * i, 2) for i in range(2, 21)]  # 0.10 ... 1.00
 
@@ -96,7 +89,7 @@ def render_plots(out: Path, per_task: dict, curve: list[dict], baseline_acc: flo
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=120)
     plt.close(fig)
-    _write_csv(out / "pareto.csv", pareto_rows)
+    write_csv(out / "pareto.csv", pareto_rows)
 
     # exit histogram at the calibrated thresholds
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -118,11 +111,12 @@ def render_plots(out: Path, per_task: dict, curve: list[dict], baseline_acc: flo
 
 def log_model(run, model, params, ev, task: str) -> dict:
     """Log the calibrated Dyn-Adapter model of `task` on its MLflow run; what `register` needs to promote it."""
-    from dynadapter.inference import measure_stage_costs
+    from dynadapter.inference import StageCosts
     from dynadapter.tracking import log_dynamic_model
 
     info = log_dynamic_model(run, model, backbone_cfg=params.base.backbone, model_cfg=params.base.model,
-                             costs=measure_stage_costs(model), curve=ev.curve, budget=params.base.budget, task=task)
+                             costs=StageCosts.from_dict(ev.stage_macs), curve=ev.curve, budget=params.base.budget,
+                             task=task)
     return {"run_id": run.run_id, "model_uri": info.model_uri, "tracking_uri": run.tracking_uri,
             "test_accuracy": ev.test["accuracy"], "test_macs": ev.test["macs"], "budget": params.base.budget}
 
@@ -194,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics, per_task, models = run(params, parent)
         out.mkdir(parents=True, exist_ok=True)
         curve = suite_curve(per_task)
-        _write_csv(out / "budget_curve.csv", curve)
-        _write_csv(out / "exit_hist.csv", [
+        write_csv(out / "budget_curve.csv", curve)
+        write_csv(out / "exit_hist.csv", [
             {"task": t, "exit": e, "block": r["dyn"]["exits"][e], "fraction": f}
             for t, r in per_task.items() for e, f in enumerate(r["dyn"]["test"]["exit_fraction"])])
         render_plots(out, per_task, curve, metrics["baseline_test_accuracy"])

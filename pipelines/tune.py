@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import sys
@@ -10,7 +9,7 @@ import time
 from pathlib import Path
 
 from dynadapter.config import Params, section_dict
-from pipelines.common import load_stage_params, save_stage_config, stage_parser, stage_tracking
+from pipelines.common import load_stage_params, save_stage_config, stage_parser, stage_tracking, write_csv
 
 DESCRIPTION = """Search the Dyn-Adapter training settings in tune.search_space with Ray Tune.
 
@@ -35,14 +34,6 @@ def experiment_name(params: Params) -> str:
     """Same params, same name: a rerun after an interruption resumes the sweep; changed params start a new one."""
     text = json.dumps(section_dict(params, *SECTIONS), sort_keys=True, default=str)
     return "tune-" + hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def write_trials(rows: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def log_trials(parent, outcome, tasks: list[str]) -> None:
@@ -84,7 +75,7 @@ def run(params: Params, parent=None) -> dict:
         if started_here:
             ray.shutdown()
     write_best_params(outcome, out / "best_params.yaml")
-    write_trials(outcome.trials, out / "trials.csv")
+    write_csv(out / "trials.csv", outcome.trials)
     if parent is not None:
         log_trials(parent, outcome, tasks)
     errored = sum(1 for r in outcome.trials if r.get("error"))

@@ -38,17 +38,9 @@ from dynadapter.train import (
     warmup_cosine,
 )
 
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread per module)
+
 TINY = dict(img_size=16, patch_size=8, embed_dim=32, depth=4, num_heads=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads
-    make them ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(method: str = "adapter", early_exit: bool = True, seed: int = 0, sparsity: SparsityConfig | None = None):

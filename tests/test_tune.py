@@ -35,16 +35,9 @@ from dynadapter.tune import (
     write_best_params,
 )
 
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread per module)
+
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(num_classes: int = 2):

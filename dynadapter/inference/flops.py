@@ -93,6 +93,11 @@ class StageCosts:
             "exits": list(self.exits),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> StageCosts:
+        """The inverse of `to_dict` (derived entries are recomputed, not read)."""
+        return cls(int(d["embed_macs"]), list(d["stage_macs"]), list(d["head_macs"]), list(d.get("exits", [])))
+
 
 def _probe_input(model: nn.Module) -> torch.Tensor:
     backbone = model.backbone

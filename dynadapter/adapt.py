@@ -108,14 +108,19 @@ def train_task(
     progress: bool | None = None,
     on_epoch_end=None,
     strategy=None,
+    builder=None,
+    objective=None,
 ) -> tuple[Trained, DynAdapterViT]:
-    """Build the model on the frozen backbone and train it (selection on val); resumes from checkpoint_path."""
+    """Build the model on the frozen backbone and train it (selection on val); resumes from checkpoint_path.
+
+    `builder(backbone_cfg, model_cfg, num_classes, sparsity, backbone=...)` replaces `build_model` and
+    `objective` the multi-exit loss (see `fit`): how a rival method (bench/peers.py) trains on the same path."""
     torch.manual_seed(seed)
     backbone = create_backbone(backbone_cfg, checkpoint)
-    model = build_model(backbone_cfg, model_cfg, data.num_classes, train_cfg.sparsity, backbone=backbone)
+    model = (builder or build_model)(backbone_cfg, model_cfg, data.num_classes, train_cfg.sparsity, backbone=backbone)
     params = count_parameters(model)
     start = time.perf_counter()
-    kwargs = dict(seed=seed, progress=progress, on_epoch_end=on_epoch_end, strategy=strategy)
+    kwargs = dict(seed=seed, progress=progress, on_epoch_end=on_epoch_end, strategy=strategy, objective=objective)
     if checkpoint_path is not None:
         result = fit_resumable(model, data.train, data.val, train_cfg, checkpoint_path=checkpoint_path, **kwargs)
     else:

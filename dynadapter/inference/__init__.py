@@ -22,6 +22,7 @@ from dynadapter.inference.flops import (
 from dynadapter.inference.pareto import pareto_front
 from dynadapter.inference.runtime import (
     ThroughputComparison,
+    compare_throughput,
     dynamic_vs_full,
     full_depth_forward,
     measure_throughput,
@@ -35,6 +36,7 @@ __all__ = [
     "Simulation",
     "StageCosts",
     "ThroughputComparison",
+    "compare_throughput",
     "calibrate",
     "collect_exit_logits",
     "count_macs",

@@ -59,6 +59,24 @@ class ThroughputComparison:
     exit_fraction: list[float]  # share of the batch leaving at each exit
 
 
+def compare_throughput(
+    fns: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Images per second of each `fns[name](x)` on the same batch, timed interleaved (a, b, c, a, b, c, ...)
+    so that machine-load drift hits all alike; each figure is the median over `repeats` (no_grad)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn(x)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                times[name].append(_time_once(fn, x))
+    return {name: x.shape[0] / max(statistics.median(t), 1e-12) for name, t in times.items()}
+
+
 def dynamic_vs_full(
     model: DynAdapterViT,
     x: torch.Tensor,
@@ -66,34 +84,22 @@ def dynamic_vs_full(
     repeats: int = 5,
     warmup: int = 1,
 ) -> ThroughputComparison:
-    """Time compacted `forward_dynamic` and the full-depth forward on the same batch, interleaved.
-
-    Runs alternate (dynamic, full, dynamic, ...) so that machine-load drift hits both alike; each figure is
-    the median over `repeats`. `thresholds` None: the model's own `thresholds` buffer.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    """Time compacted `forward_dynamic` and the full-depth forward on the same batch, interleaved
+    (`compare_throughput`). `thresholds` None: the model's own `thresholds` buffer."""
     was_training = model.training
     model.eval()
     try:
+        ips = compare_throughput({
+            "dynamic": lambda inp: model.forward_dynamic(inp, thresholds),
+            "full": lambda inp: full_depth_forward(model, inp),
+        }, x, repeats=repeats, warmup=warmup)
         with torch.no_grad():
-            dyn = lambda inp: model.forward_dynamic(inp, thresholds)  # noqa: E731
-            full = lambda inp: full_depth_forward(model, inp)  # noqa: E731
-            for _ in range(warmup):
-                dyn(x)
-                full(x)
-            t_dyn, t_full = [], []
-            for _ in range(repeats):
-                t_dyn.append(_time_once(dyn, x))
-                t_full.append(_time_once(full, x))
             exits = model.forward_dynamic(x, thresholds).exit_index
     finally:
         model.train(was_training)
     n = x.shape[0]
-    dyn_ips = n / max(statistics.median(t_dyn), 1e-12)
-    full_ips = n / max(statistics.median(t_full), 1e-12)
     shares = torch.bincount(exits, minlength=len(model.exits)).double() / max(n, 1)
-    return ThroughputComparison(dyn_ips, full_ips, dyn_ips / full_ips, n, shares.tolist())
+    return ThroughputComparison(ips["dynamic"], ips["full"], ips["dynamic"] / ips["full"], n, shares.tolist())
 
 
 @torch.no_grad()
@@ -126,6 +132,7 @@ def run_dynamic(
 
 __all__ = [
     "ThroughputComparison",
+    "compare_throughput",
     "dynamic_vs_full",
     "full_depth_forward",
     "measure_throughput",

@@ -27,6 +27,7 @@ from dynadapter.train.losses import PrioritySchedule, as_logits_list, multi_exit
 from dynadapter.train.sparsity import GradientMasker
 
 DataLike = Union[Dataset, tuple[torch.Tensor, torch.Tensor]]
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
 CHECKPOINT_FORMAT = "dynadapter.train.checkpoint/1"
 
 
@@ -288,9 +289,12 @@ def train_step(
     device: torch.device | str | None = None,
     epoch: int = 0,
     step: int = 0,
+    objective: Objective | None = None,
 ) -> StepOutput:
     """One optimizer step: draw the gradient masks, forward all exits, weighted loss, backward, update.
 
+    `objective(model, x, y)` -> (loss, per-output CEs) replaces the weighted multi-exit loss (a method with a
+    training objective of its own, e.g. the DyT baseline); weights and distillation are then not used.
     A non-finite loss raises `NonFiniteLossError` *before* backward, so the weights are left untouched.
     `epoch` / `step` only label that error.
     """
@@ -299,7 +303,10 @@ def train_step(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if masker is not None:
         masker.resample()
-    loss, ces = multi_exit_loss(model(x), y, weights, distill, temperature)
+    if objective is not None:
+        loss, ces = objective(model, x, y)
+    else:
+        loss, ces = multi_exit_loss(model(x), y, weights, distill, temperature)
     if not bool(torch.isfinite(loss)):
         raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {step}")
     strategy.backward(loss)
@@ -321,6 +328,7 @@ def run_epoch(
     device: torch.device | str | None = None,
     epoch: int = 0,
     progress: tqdm | None = None,
+    objective: Objective | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Train over `batches`; returns (train metrics, global step after the epoch).
 
@@ -341,7 +349,7 @@ def run_epoch(
         weights, lr = (schedule.weights(t) if schedule is not None else None), strategy.lr
         out = train_step(
             model, batch, strategy, weights=weights, masker=masker, distill=distill, temperature=temperature,
-            device=device, epoch=epoch, step=i + 1,
+            device=device, epoch=epoch, step=i + 1, objective=objective,
         )
         ces = torch.stack(out.per_exit_ce) * out.batch_size
         loss_sum = out.loss * out.batch_size if loss_sum is None else loss_sum + out.loss * out.batch_size
@@ -542,6 +550,7 @@ def fit(
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    objective: Objective | None = None,
 ) -> FitResult:
     """Train `model` (forward returns a tensor or a list of per-exit logits) and leave it holding the best
     weights by `select` on `val`.
@@ -561,6 +570,8 @@ def fit(
     rank / world_size: data-parallel training (e.g. a DeepSpeed strategy under Ray Train): each rank trains on
       its share of every epoch's shuffled order (all ranks share `seed`); give each rank its own
       checkpoint_path, as optimizer state may be per rank.
+    objective: (model, x, y) -> (loss, per-output CEs), a training objective replacing the weighted multi-exit
+      loss (see `train_step`).
     Raises NonFiniteLossError on a NaN/Inf loss or weights; no checkpoint with non-finite values is written.
     """
     cfg = cfg if cfg is not None else TrainConfig()
@@ -650,6 +661,7 @@ def fit(
                     device=device,
                     epoch=e1,
                     progress=bar,
+                    objective=objective,
                 )
             finally:
                 bar.close()

@@ -19,8 +19,12 @@ class ParallelAdapterMLP(PetlModule):
         self.act = nn.GELU()
         self.scale = scale
 
+    def branch(self, h):
+        """The adapter's own term, s * up(gelu(down(drop(h))))."""
+        return self.up(self.act(self.down(self.drop(h)))) * self.scale
+
     def forward(self, h):
-        return self.base(h) + self.up(self.act(self.down(self.drop(h)))) * self.scale
+        return self.base(h) + self.branch(h)
 
     def merge(self) -> nn.Module:
         return self  # non-linear branch: nothing to fold

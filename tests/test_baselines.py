@@ -1,0 +1,225 @@
+"""The DyT rival (dynadapter/baselines/dyt.py), training memory accounting, the shared throughput comparator and
+the objective hook of the trainer: what bench/peers.py measures with."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dynadapter.baselines import (DispatchedMLP, DyTObjective, activation_rate, build_dyt, measure_dyt_costs,
+                                  predict_dyt)
+from dynadapter.baselines.dyt import dispatchers, forced
+from dynadapter.config import ModelConfig, OptimConfig, PetlConfig
+from dynadapter.inference import compare_throughput
+from dynadapter.models import build_model
+from dynadapter.train import fit, multi_exit_loss
+from dynadapter.train.memory import training_memory
+from helpers import TINY, backbone_cfg, images, one_thread, randomize_petl  # noqa: F401
+
+D = TINY["embed_dim"]
+
+
+def tiny_dyt(seed: int = 0, num_classes: int = 3):
+    torch.manual_seed(seed)
+    model = build_dyt(backbone_cfg(), ModelConfig(), num_classes)
+    randomize_petl(model, seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def set_router_bias(model, value: float) -> None:
+    for d in dispatchers(model):
+        d.router.weight.zero_()
+        d.router.bias.fill_(value)
+
+
+def test_complete_dyt_is_the_full_depth_adapter_model():
+    model = tiny_dyt()
+    x = images(6)
+    with forced(model, True):
+        complete = model(x)[-1]
+    for block in model.backbone.blocks:  # unwrap: the plain Adapter model with the same weights
+        block.mlp = block.mlp.adapted
+    assert torch.allclose(complete, model(x)[-1], atol=1e-5)
+    assert len(model.exits) == 1 and model.exits == [TINY["depth"]]
+
+
+def test_gathered_inference_equals_the_dense_masked_computation():
+    torch.manual_seed(0)
+    model = tiny_dyt()
+    d = dispatchers(model)[1]
+    torch.nn.init.normal_(d.router.weight, std=1.0)  # a mixed decision: some tokens on, some off
+    h = torch.randn(4, 5, D)
+    with torch.no_grad():
+        keep = d.router(h).squeeze(-1) > 0
+        keep[:, 0] = True  # the class token is always processed
+        assert 0 < int(keep[:, 1:].sum()) < keep[:, 1:].numel()
+        dense = d.adapted.base(h) * keep.unsqueeze(-1) + d.adapted.branch(h)
+        assert torch.allclose(d(h), dense, atol=1e-6)
+
+
+def test_skipped_tokens_skip_the_mlp_and_costs_follow_the_tokens_processed():
+    model = tiny_dyt()
+    costs = measure_dyt_costs(model)
+    assert costs.per_token == 2 * D * 4 * D  # fc1 + fc2 of the MLP, per token: counted, not assumed
+    assert costs.tokens == 4 and costs.depth == TINY["depth"]
+    x = images(5)
+    set_router_bias(model, -50.0)
+    _, none = predict_dyt(model, x, batch_size=2)
+    assert none.tolist() == [0] * 5 and activation_rate(none, costs) == 0.0
+    assert torch.allclose(costs.macs(none), torch.full((5,), float(costs.fixed), dtype=torch.float64))
+    set_router_bias(model, 50.0)
+    logits, every = predict_dyt(model, x, batch_size=2)
+    assert every.tolist() == [costs.tokens * costs.depth] * 5 and activation_rate(every, costs) == 1.0
+    assert float(costs.macs(every)[0]) == costs.complete
+    with forced(model, True):
+        assert torch.allclose(logits, model(x)[-1], atol=1e-5)
+    assert not any(d.record or d.counts for d in dispatchers(model))  # predict_dyt leaves no state behind
+
+
+def test_objective_pulls_the_activation_rate_to_its_target_through_the_straight_through_mask():
+    model = tiny_dyt(seed=1).train()
+    x, y = images(32, seed=1), torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1))
+    loss, ces = DyTObjective(0.0)(model, x, y)
+    loss.backward()
+    assert len(ces) == 2 and all(torch.isfinite(c) for c in ces)
+    assert all(d.router.weight.grad is not None and d.router.weight.grad.abs().sum() > 0 for d in dispatchers(model))
+
+    costs = measure_dyt_costs(model)
+    before = activation_rate(predict_dyt(model, x)[1], costs)
+    fit(model, (x, y), None, OptimConfig(epochs=15, batch_size=16, lr=0.05, warmup_epochs=0),
+        objective=DyTObjective(0.0), progress=False)
+    after = activation_rate(predict_dyt(model, x)[1], costs)
+    assert before > 0.3 and after < before / 2, (before, after)
+
+
+def test_objective_rejects_a_rate_outside_0_1_and_a_model_without_dispatchers():
+    with pytest.raises(ValueError, match="rate r"):
+        DyTObjective(1.5)
+    plain = build_model(backbone_cfg(), ModelConfig(early_exit=False), 3).train()
+    with pytest.raises(ValueError, match="build_dyt"):
+        DyTObjective(0.5)(plain, images(2), torch.tensor([0, 1]))
+    assert not any(isinstance(m, DispatchedMLP) for m in plain.modules())
+
+
+def test_training_memory_orders_the_methods_and_leaves_the_model_untouched():
+    x, y = images(16), torch.randint(0, 3, (16,))
+    loss = lambda m, xb, yb: multi_exit_loss(m(xb), yb)[0]  # noqa: E731
+    mem = {}
+    for method in ("linear_probe", "adapter", "full_finetune"):
+        torch.manual_seed(0)
+        model = build_model(backbone_cfg(), ModelConfig(petl=PetlConfig(method=method), early_exit=False), 3)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        mem[method] = training_memory(model, loss, x, y)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert all(p.grad is None for p in model.parameters())
+        m = mem[method]
+        assert m["source"] == "cpu_account"
+        assert m["total"] == m["params"] + 3 * m["trainable"] + m["activations"]
+    # a frozen backbone with nothing to train inside it saves no activations for backward
+    assert mem["linear_probe"]["activations"] < mem["adapter"]["activations"] / 10
+    assert mem["adapter"]["activations"] <= mem["full_finetune"]["activations"]
+    assert mem["adapter"]["total"] < mem["full_finetune"]["total"]
+
+
+def test_compare_throughput_times_each_function_on_the_same_batch():
+    calls = []
+
+    def slow(x):
+        calls.append(("slow", x.shape[0]))
+        time.sleep(0.02)
+
+    def fast(x):
+        calls.append(("fast", x.shape[0]))
+
+    ips = compare_throughput({"slow": slow, "fast": fast}, torch.zeros(8, 3), repeats=3, warmup=1)
+    assert set(ips) == {"slow", "fast"} and ips["fast"] > 5 * ips["slow"]
+    assert ips["slow"] < 8 / 0.02 * 1.01
+    assert [c[0] for c in calls] == ["slow", "fast"] * 4 and all(c[1] == 8 for c in calls)  # interleaved
+    with pytest.raises(ValueError, match="repeats"):
+        compare_throughput({"fast": fast}, torch.zeros(1), repeats=0)
+
+
+# ------------------------------------------------------------------------------------------ bench/peers.py
+
+
+def _load_peers():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "bench_peers" in sys.modules:
+        return sys.modules["bench_peers"]
+    path = Path(__file__).resolve().parents[1] / "bench" / "peers.py"
+    spec = importlib.util.spec_from_file_location("bench_peers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peers"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_frontier_compares_the_best_point_each_family_reaches_within_each_budget():
+    peers = _load_peers()
+    points = {"Dyn-Adapter": [(0.35, 0.50), (0.62, 0.60)], "DyT": [(0.45, 0.55), (0.9, 0.70)],
+              "static truncation": [(0.5, 0.40), (1.0, 0.65)]}
+    rows = {r["budget"]: r for r in peers.frontier_table(points)}
+    assert rows[0.4] == {"budget": 0.4, "Dyn-Adapter": 0.50, "DyT": None, "static truncation": None,
+                         "dyn_minus_best_rival": None}
+    assert rows[0.5]["DyT"] == 0.55 and rows[0.5]["dyn_minus_best_rival"] == pytest.approx(-0.05)
+    assert rows[0.7]["Dyn-Adapter"] == 0.60 and rows[0.7]["dyn_minus_best_rival"] == pytest.approx(0.05)
+    assert rows[1.0]["DyT"] == 0.70 and rows[1.0]["dyn_minus_best_rival"] == pytest.approx(-0.10)
+
+
+@pytest.mark.slow
+def test_peers_benchmark_end_to_end_with_cache_and_mlflow(tmp_path, capsys):
+    import json
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from pipelines import prepare, pretrain
+    from test_pipelines import tiny_params
+
+    raw = tiny_params(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    assert prepare.main(["--params", str(params)]) == 0 and pretrain.main(["--params", str(params)]) == 0
+    peers, out = _load_peers(), tmp_path / "peers"
+    argv = ["--params", str(params), "--best", "none", "--methods", "dyn_adapter,dyt_r0.5,trunc_b2,linear_probe",
+            "--epochs", "1", "--batch", "8", "--repeats", "1", "--out", str(out), "--experiment", "peers-test"]
+    assert peers.main(argv) == 0
+    report = json.loads((out / "peers.json").read_text())
+    rows = {r["method"]: r for r in report["summary"]}
+    assert set(rows) == {"full_adapter", "dyn_adapter", "dyt_r0.5", "trunc_b2", "linear_probe"}
+    base = rows["full_adapter"]
+    assert base["macs_fraction"] == 1.0 and base["step_time_ratio"] == 1.0 and base["throughput_ratio"] == 1.0
+    assert 0.4 < rows["trunc_b2"]["macs_fraction"] < 0.6  # 2 of 4 blocks
+    assert rows["trunc_b2"]["memory_ratio"] < 1.0 and rows["linear_probe"]["memory_ratio"] < 0.5
+    assert rows["linear_probe"]["trainable_pct_of_backbone"] < base["trainable_pct_of_backbone"]
+    assert rows["dyn_adapter"]["macs_fraction"] <= 0.5 + 0.25  # calibrated for 0.5 on val, measured on test
+    assert rows["dyt_r0.5"]["memory_ratio"] > 1.0  # DyT trains the complete and the dynamic model
+    for r in rows.values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["throughput_ratio"] > 0
+    per_task = report["per_task"]["dyt_r0.5"]
+    assert set(per_task) == {"size", "digits"}
+    assert all(0.0 <= t["activation_rate"] <= 1.0 and t["target_rate"] == 0.5 for t in per_task.values())
+    assert [r["budget"] for r in report["frontier"]] == peers.FRONTIER_BUDGETS
+    assert (out / "accuracy_vs_macs.png").stat().st_size > 10_000
+    assert (out / "summary.csv").read_text().startswith("method,")
+
+    client = MlflowClient(tracking_uri=raw["base"]["mlflow"]["tracking_uri"])
+    exp = client.get_experiment_by_name("peers-test")
+    runs = client.search_runs([exp.experiment_id])
+    nested = [r for r in runs if r.info.run_id != report["mlflow_run"]]
+    assert sorted(r.info.run_name for r in nested) == sorted(rows)
+    dyt_run = next(r for r in nested if r.info.run_name == "dyt_r0.5")
+    assert dyt_run.data.metrics["suite_test_accuracy"] == pytest.approx(rows["dyt_r0.5"]["test_accuracy"])
+
+    capsys.readouterr()
+    assert peers.main(argv) == 0  # a rerun measures nothing again: every (method, task) comes from the cache
+    printed = capsys.readouterr().out
+    assert printed.count(": cached") == 10 and "MMACs (" not in printed
+    again = json.loads((out / "peers.json").read_text())
+    assert again["summary"] == report["summary"]

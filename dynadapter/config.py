@@ -448,7 +448,8 @@ def section_dict(params: Params, *sections: str) -> dict:
 
 
 def save_resolved(params: Params, sections: list[str], path: str | Path) -> None:
+    from dynadapter.atomic import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        yaml.safe_dump(section_dict(params, *sections), f, sort_keys=False)
+    write_text_atomic(path, yaml.safe_dump(section_dict(params, *sections), sort_keys=False))

@@ -6,9 +6,11 @@ import argparse
 import contextlib
 import csv
 import os
+import shutil
 import sys
 from pathlib import Path
 
+from dynadapter.atomic import write_text_atomic  # noqa: F401 - the stages' one way to write a small output
 from dynadapter.config import ConfigError, Params, load_params, save_resolved
 
 QUIET_ENV = {
@@ -63,6 +65,25 @@ def save_stage_config(params: Params, stage: str, out_dir: str | Path) -> Path:
     path = Path(out_dir) / f"{stage}_config.yaml"
     save_resolved(params, ["base", stage], path)
     return path
+
+
+@contextlib.contextmanager
+def staged_output(target: str | Path):
+    """A fresh folder beside the folder output `target`, which it replaces only when the block ends without
+    error: an interrupted stage (Ctrl-C, a kill) never leaves a partly written output for DVC or a later
+    stage to find; `target` is absent (DVC removes outputs before it runs a stage) or whole. The folder a
+    killed run left behind is cleared by the next run."""
+    from dynadapter.data.store import swap_into_place
+
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        swap_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:

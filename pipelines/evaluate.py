@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipelines.common import (load_stage_params, save_stage_config, stage_parser, stage_tracking, tracked_task,
-                              write_csv)
+                              write_csv, write_text_atomic)
 
 DESCRIPTION = """Evaluate the trained models of every task in base.tasks at the FLOPs budget base.budget.
 
@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             for t, r in per_task.items() for e, f in enumerate(r["dyn"]["test"]["exit_fraction"])])
         render_plots(out, per_task, curve, metrics["baseline_test_accuracy"])
         save_stage_config(params, "evaluate", out)
-        (out / "per_task.json").write_text(json.dumps(per_task, indent=1) + "\n")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (out / "models.json").write_text(json.dumps(models, indent=2) + "\n")
+        write_text_atomic(out / "per_task.json", json.dumps(per_task, indent=1) + "\n")
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(out / "models.json", json.dumps(models, indent=2) + "\n")
         log_suite(parent, out, metrics)
     print(f"evaluate: mean test acc {metrics['dyn_test_accuracy']:.4f} (Dyn-Adapter at budget {params.base.budget}) "
           f"vs {metrics['baseline_test_accuracy']:.4f} (full depth); done in {time.perf_counter() - start:.1f} s")

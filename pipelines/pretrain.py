@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import epoch_printer, load_stage_params, save_stage_config, stage_parser
+from pipelines.common import (epoch_printer, load_stage_params, save_stage_config, stage_parser,
+                              write_text_atomic)
 
 DESCRIPTION = """Pretrain the default backbone.
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         out_dir.mkdir(parents=True, exist_ok=True)
         info = {"skipped": True, "checkpoint": base.backbone.checkpoint, "name": base.backbone.name}
-        (out_dir / "backbone.json").write_text(json.dumps(info, indent=2))
+        write_text_atomic(out_dir / "backbone.json", json.dumps(info, indent=2))
         metrics = {"skipped": True}
         print(f"pretrain: skipped, using checkpoint {base.backbone.checkpoint}")
     else:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - start, 1),
         }
         print(f"pretrain: upstream val accuracy {metrics['upstream_val_accuracy']:.4f} in {metrics['seconds']} s")
-    (metrics_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(metrics_dir / "metrics.json", json.dumps(metrics, indent=2))
     return 0
 
 

@@ -8,7 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dynadapter.config import Params
-from pipelines.common import load_stage_params, save_stage_config, stage_parser, stage_tracking
+from pipelines.common import (load_stage_params, save_stage_config, stage_parser, stage_tracking,
+                              write_text_atomic)
 
 DESCRIPTION = """Register the models the evaluate stage logged, one registered model per task
 (<register.model_prefix>-<task>), and move the alias register.alias (default `champion`) to the new version
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         decisions = run(params, parent)
     out.mkdir(parents=True, exist_ok=True)
     save_stage_config(params, "register", out)
-    (out / "decisions.json").write_text(json.dumps(decisions, indent=2) + "\n")
+    write_text_atomic(out / "decisions.json", json.dumps(decisions, indent=2) + "\n")
     return 0
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 
 from dynadapter.config import ConfigError, Params
-from pipelines.common import (epoch_printer, load_stage_params, save_stage_config, stage_parser, stage_tracking,
-                              tracked_task)
+from pipelines.common import (epoch_printer, load_stage_params, save_stage_config, stage_parser, staged_output,
+                              stage_tracking, tracked_task, write_text_atomic)
 
 DESCRIPTION = """Train the final models, one pair per task in base.tasks:
 
@@ -20,7 +20,9 @@ DESCRIPTION = """Train the final models, one pair per task in base.tasks:
   baseline  the same PETL module at full depth without exits (the paper's comparison), same training budget.
 
 Both train on train800 with model selection on val200 only; test is not read here. Each run checkpoints
-after every epoch (<paths.models>/checkpoints/train/) and resumes after an interruption.
+after every epoch (<paths.models>/checkpoints/train/) and resumes after an interruption (Ctrl-C, a kill):
+rerun the stage and it goes on from the last finished epoch. <paths.models>/tasks/ is put in place only
+when every model is trained, so an interrupted stage leaves no partial output.
 MLflow: one nested run per task and variant (per-epoch metrics, parameter counts, step time) under the
 pipeline's parent run.
 Outputs: <paths.models>/tasks/<task>/{dyn,baseline}/ (PETL + head weights and the config that rebuilds the
@@ -49,6 +51,13 @@ def variant_configs(params: Params, variant: str):
 
 
 def run(params: Params, parent=None, stdout=sys.stdout) -> dict:
+    """Train every task's models into <paths.models>/tasks, which appears whole or not at all."""
+    with staged_output(Path(params.base.paths.models) / "tasks") as tasks_dir:
+        return train_tasks(params, tasks_dir, parent, stdout)
+
+
+def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout) -> dict:
+    """Both variants of every task, trained (or resumed) and saved in tasks_dir/<task>/<variant>; the summary."""
     from dynadapter.adapt import load_task_for, save_trained, train_task
     from dynadapter.tracking import log_task_result
     from dynadapter.train.pretrain import backbone_checkpoint
@@ -71,7 +80,7 @@ def run(params: Params, parent=None, stdout=sys.stdout) -> dict:
                 )
                 if mlrun is not None:
                     log_task_result(mlrun, trained)
-            save_trained(model, trained, models_dir / "tasks" / task / variant, backbone_cfg=base.backbone,
+            save_trained(model, trained, tasks_dir / task / variant, backbone_cfg=base.backbone,
                          model_cfg=model_cfg, num_classes=data.num_classes)
             best = trained.history[trained.best_epoch - 1]
             summary["tasks"][task][variant] = {
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["seconds"] = round(time.perf_counter() - start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_stage_config(params, "train", out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     print(f"train: done in {summary['seconds']} s")
     return 0
 

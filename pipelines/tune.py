@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from dynadapter.config import Params, section_dict
-from pipelines.common import load_stage_params, save_stage_config, stage_parser, stage_tracking, write_csv
+from pipelines.common import (load_stage_params, save_stage_config, stage_parser, stage_tracking, write_csv,
+                              write_text_atomic)
 
 DESCRIPTION = """Search the Dyn-Adapter training settings in tune.search_space with Ray Tune.
 
@@ -28,6 +29,7 @@ Outputs in <paths.outputs>/tune/: best_params.yaml (dotted train.* keys the trai
 (every trial), metrics.json, tune_config.yaml."""
 
 SECTIONS = ["base", "train", "tune"]
+TRIAL_TAG = "dynadapter.trial_id"  # on each trial's nested MLflow run
 
 
 def experiment_name(params: Params) -> str:
@@ -37,19 +39,28 @@ def experiment_name(params: Params) -> str:
 
 
 def log_trials(parent, outcome, tasks: list[str]) -> None:
-    """One nested MLflow run per trial: its sampled values, per-epoch metrics and final figures."""
-    from dynadapter.tracking import log_history, log_metrics, task_run
+    """One nested MLflow run per trial: its sampled values, per-epoch metrics and final figures.
 
+    A rerun of the stage (after an interruption, its resumed sweep reports the same trials, each with its
+    whole history) replaces a trial's earlier run instead of adding a second one; the earlier run is deleted
+    only once the new one is logged, so an interruption here never loses a trial's record."""
+    from dynadapter.tracking import find_task_runs, log_history, log_metrics, task_run
+
+    earlier: dict[str, list[str]] = {}
+    for run in find_task_runs(parent, stage="tune", status=None):
+        earlier.setdefault(run.data.tags.get(TRIAL_TAG, ""), []).append(run.info.run_id)
     for row in outcome.trials:
         trial = str(row["trial_id"])
         overrides = {k: v for k, v in row.items() if k.startswith("train.")}
-        tags = {"dynadapter.trial_id": trial, "dynadapter.best": str(trial == outcome.best_trial).lower()}
+        tags = {TRIAL_TAG: trial, "dynadapter.best": str(trial == outcome.best_trial).lower()}
         if row.get("error"):
             tags["dynadapter.error"] = str(row["error"])[:5000]
         with task_run(parent, ",".join(tasks), stage="tune", params=overrides, tags=tags,
                       run_name=f"tune-{trial}") as run:
             log_history(run, outcome.histories.get(trial, []))
             log_metrics(run, {k: row[k] for k in (outcome.metric, "epochs", "resumed_from")})
+        for run_id in earlier.get(trial, []):
+            parent.client.delete_run(run_id)
 
 
 def run(params: Params, parent=None) -> dict:
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     with stage_tracking(params, "tune") as parent:  # train.* go on the parent from the train stage (tuned)
         metrics = run(params, parent)
     save_stage_config(params, "tune", out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return 0
 
 

@@ -1,9 +1,17 @@
-"""Tiny multi-exit ViTs and small utilities shared by the model and inference tests."""
+"""Tiny multi-exit ViTs and small utilities shared by the model and inference tests; a temporary git + DVC
+copy of the project for the `dvc repro` tests."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from dynadapter.config import BackboneConfig, HeadsConfig, ModelConfig, PetlConfig, SparsityConfig
 from dynadapter.models import DynAdapterViT, build_model
@@ -72,3 +80,44 @@ def sharpen_heads(model: DynAdapterViT, seed: int = 0, scale: float = 3.0) -> No
 
 def images(n: int, seed: int = 0, size: int = 16) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------- a temporary git + DVC copy of the project
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).parent / "dvc")
+DVC_PATHS = {"data": "data/prepared", "upstream": "data/upstream", "models": "models", "outputs": "outputs"}
+
+
+def project_env(cwd: Path) -> dict[str, str]:
+    """The environment `dvc` and its stages run in: this venv first, no analytics, one thread per op."""
+    bindir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1",
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(cwd), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([DVC, *args], cwd=cwd, env=project_env(cwd), capture_output=True, text=True, timeout=600)
+
+
+def git(args: list[str], cwd: Path) -> None:
+    out = subprocess.run(["git", *args], cwd=cwd, env=project_env(cwd), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def dvc_project(root: Path, params: dict) -> Path:
+    """A committed git + DVC repository in `root` holding the project's code and dvc.yaml, with `params` (paths
+    replaced by the real params.yaml's relative ones) as its params.yaml."""
+    for name in ("dynadapter", "pipelines"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    params = {**params, "base": {**params["base"], "paths": DVC_PATHS}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    git(["init", "-q"], root)
+    init = dvc(["init", "-q"], root)
+    assert init.returncode == 0, init.stderr
+    git(["add", "-A"], root)
+    git(["commit", "-qm", "project"], root)
+    return root

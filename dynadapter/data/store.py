@@ -225,14 +225,14 @@ def write_task(
         with open(tmp / MANIFEST_FILE, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
+def swap_into_place(tmp: Path, target: Path) -> None:
     """Rename `tmp` to `target`; an existing target is moved aside first and removed only after success."""
     if not target.exists():
         os.replace(tmp, target)

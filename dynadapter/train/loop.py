@@ -561,8 +561,9 @@ def fit(
       epoch). Default val_acc_mean, the mean of the per-exit val accuracies: dynamic inference uses every exit
       and calibrates thresholds afterwards, so the selected weights must be good at all exits, not only the
       last (for a single exit this is simply its accuracy). Without `val`, the last epoch is kept.
-    checkpoint_path: written atomically after every epoch; if it exists, training resumes from it and
-      continues exactly (same weights and history as an uninterrupted run). A finished run returns at once.
+    checkpoint_path: written atomically after every epoch; if it exists, training resumes from it (a line on
+      stderr names the file and the epoch) and continues exactly (same weights and history as an uninterrupted
+      run). A finished run returns at once.
     on_epoch_end(epoch, metrics): called after the epoch's checkpoint is written (1-based epoch); return True
       to stop early (recorded in the checkpoint, so a resume does not continue).
     strategy: factory (model, cfg, steps_per_epoch) -> Strategy; default AdamWStrategy.
@@ -640,6 +641,7 @@ def fit(
             best_epoch, best_metric, best_state = (ckpt["best"][k] for k in ("epoch", "metric", "state"))
             start_epoch = resumed_from = int(ckpt["epoch"])
             stopped = bool(ckpt["stopped_early"])
+            print(f"resuming {ckpt_path} after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr, flush=True)
         else:
             torch.manual_seed(seed)  # dropout and anything else on the global generators
 

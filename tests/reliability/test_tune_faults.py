@@ -1,5 +1,6 @@
 """Faults inside a real Ray Tune sweep (Ray Train workers + DeepSpeed in every trial): a worker process killed
-mid-trial, a trial whose loss becomes non-finite; and the local Ray's dashboard bound to loopback only.
+mid-trial, a trial whose loss becomes non-finite, and how the tune stage records both in MLflow; and the local
+Ray's dashboard bound to loopback only.
 
 One sweep (module fixture) provokes both faults, so the suite pays for one sweep. Two trials, same settings:
 - trial 0 (weak: its val labels are flipped, so it scores ~0): its Ray Train worker process is SIGKILLed by
@@ -167,6 +168,43 @@ def test_diverging_trial_stops_with_its_reason_and_the_best_valid_trial_wins(fau
     for ckpt in ckpts:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["tasks"]["toy"]["model"]
         assert all(torch.isfinite(t).all() for t in state.values()), ckpt
+
+
+@pytest.mark.slow
+def test_killed_trial_is_recorded_once_in_mlflow(faulty_sweep, tmp_path):
+    """The tune stage's MLflow logging (`pipelines.tune.log_trials`, one nested run per trial) on the faulted
+    sweep: one run per trial, each epoch once in its metric history, the killed trial with its final figures.
+    Logged a second time under the same parent, as a rerun of the stage does (the resumed sweep reports the
+    same trials), it still leaves one run per trial."""
+    from dynadapter.tracking import PARENT_TAG, pipeline_run
+    from pipelines.tune import TRIAL_TAG, log_trials
+
+    outcome = faulty_sweep["outcome"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for attempt in ("stage", "rerun of the stage"):
+        with pipeline_run(uri, "faults", "sweep", stage="tune") as parent:
+            log_trials(parent, outcome, ["toy"])
+        runs = parent.client.search_runs([parent.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.run_id}'")
+        trials = sorted(run.data.tags[TRIAL_TAG] for run in runs)
+        assert trials == sorted(row["trial_id"] for row in outcome.trials), f"after the {attempt}: {trials}"
+        for run in runs:
+            epochs = [h["epoch"] for h in outcome.histories[run.data.tags[TRIAL_TAG]]]
+            assert epochs, run.data.tags
+            for key in ("train_loss", "val_acc_mean"):  # per-epoch only
+                steps = [m.step for m in parent.client.get_metric_history(run.info.run_id, key)]
+                assert sorted(steps) == epochs, (attempt, run.data.tags[TRIAL_TAG], key, steps)
+            steps = [m.step for m in parent.client.get_metric_history(run.info.run_id, METRIC)]
+            assert sorted(steps) == [0, *epochs], (attempt, METRIC, steps)  # step 0: the trial's result
+
+    row = faulty_sweep["rows"][KILLED]
+    killed = next(run for run in runs if run.data.tags[TRIAL_TAG] == row["trial_id"])
+    assert killed.info.status == "FINISHED" and "dynadapter.error" not in killed.data.tags
+    assert sorted(m.step for m in parent.client.get_metric_history(killed.info.run_id, "train_loss")) == [1, 2]
+    assert killed.data.metrics["epochs"] == 2 and killed.data.metrics["resumed_from"] == 1
+    result = [m.value for m in parent.client.get_metric_history(killed.info.run_id, METRIC) if m.step == 0]
+    assert result == [row[METRIC]]
+    diverged = next(run for run in runs if run.data.tags[TRIAL_TAG] == faulty_sweep["rows"][DIVERGED]["trial_id"])
+    assert "non-finite training loss" in diverged.data.tags["dynadapter.error"]
 
 
 def test_local_ray_dashboard_listens_on_loopback_only(ray_session):

@@ -15,7 +15,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: repro test install clean-venv
+.PHONY: repro test bench install clean-venv
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml constraints.txt
 # dvc.yaml runs `python -m pipelines.<stage>`: the venv's python must come first on PATH.
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
+
+# The peer benchmark (BENCHMARKS.md §3): the pipeline up to tune, then every method on the same footing.
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro tune
+	$(BIN)/python bench/peers.py $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -20,8 +20,8 @@ batch in the same process. Suite means are unweighted over tasks.
 
 Each (method, task) result is cached in <out>/runs/<method>/<task>.json as soon as it is measured, so an
 interrupted run resumes where it stopped (--fresh starts over). At the end: <out>/peers.json (everything),
-<out>/summary.csv, <out>/frontier.csv, <out>/accuracy_vs_macs.png, and one MLflow parent run in experiment
---experiment with a nested run per method.
+<out>/summary.csv, <out>/frontier.csv, <out>/tables.md (the tables of BENCHMARKS.md),
+<out>/accuracy_vs_macs.png, and one MLflow parent run in experiment --experiment with a nested run per method.
 
 Needs the prepare and pretrain stages' outputs (`make repro`, or `dvc repro pretrain`). Run time on the 2-core
 CPU machine with the defaults: see BENCHMARKS.md §3.
@@ -218,6 +218,8 @@ def suite_rows(results: dict[str, dict[str, dict]], tasks: list[str]) -> list[di
             "trainable": mean(lambda r: r["params"]["trainable"]),
             "trainable_without_heads": mean(lambda r: r["params"]["trainable_without_heads"]),
             "trainable_pct_of_backbone": 100 * mean(lambda r: r["params"]["trainable"] / r["params"]["backbone"]),
+            "trainable_without_heads_pct_of_backbone": 100 * mean(
+                lambda r: r["params"]["trainable_without_heads"] / r["params"]["backbone"]),
             "step_time_ratio": mean(lambda r: r["step_time_ratio"]),
             "memory_ratio": mean(lambda r: r["memory_ratio"]),
             "throughput_ratio": mean(lambda r: r["throughput_ratio"]),
@@ -325,6 +327,33 @@ def log_to_mlflow(params: Params, experiment: str, results: dict, summary: list[
         return parent.run_id
 
 
+def markdown(summary: list[dict], curves: dict[str, list[dict]], frontier: list[dict],
+             results: dict[str, dict[str, dict]], tasks: list[str]) -> str:
+    """The tables BENCHMARKS.md records, from the same numbers as peers.json."""
+    f = lambda v, d=4: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = ["| method | test acc | MACs (× full) | MMACs | trainable % (w/o heads) | step time | train memory "
+             "| CPU throughput |", "|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        lines.append(f"| {r['method']} | {f(r['test_accuracy'])} | {f(r['macs_fraction'], 3)} | {f(r['mmacs'], 2)} | "
+                     f"{f(r['trainable_pct_of_backbone'], 2)} ({f(r['trainable_without_heads_pct_of_backbone'], 2)}) | {f(r['step_time_ratio'], 2)}× | "
+                     f"{f(r['memory_ratio'], 2)}× | {f(r['throughput_ratio'], 2)}× |")
+    lines += ["", "| method | budget | test acc | MACs (× full) | val acc |", "|---|---|---|---|---|"]
+    for name, curve in curves.items():
+        lines += [f"| {name} | {c['budget']:.1f} | {f(c['test_accuracy'])} | {f(c['macs_fraction'], 3)} | "
+                  f"{f(c['val_accuracy'])} |" for c in curve]
+    fams = [k for k in frontier[0] if k not in ("budget", "dyn_minus_best_rival")] if frontier else []
+    lines += ["", "| MACs budget | " + " | ".join(fams) + " | Dyn-Adapter − best rival |",
+              "|---" * (len(fams) + 2) + "|"]
+    lines += [f"| ≤ {r['budget']:.1f} | " + " | ".join(f(r[k]) for k in fams) + f" | {f(r['dyn_minus_best_rival'])} |"
+              for r in frontier]
+    lines += ["", "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for r in summary:
+        per = results[r["method"]]
+        lines.append(f"| {r['method']} | " + " | ".join(
+            f"{per[t]['test_accuracy']:.3f} @ {per[t]['macs_fraction']:.2f}" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -348,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
 
     common = list(args.overrides)
     if args.best.lower() != "none":
+        if not Path(args.best).is_file():
+            print(f"note: no tune results at {args.best}: every method uses params.yaml's train section "
+                  "(`dvc repro tune` writes them; --best none silences this)", flush=True)
         common = best_overrides(args.best) + common
     if args.epochs:
         common.append(f"train.epochs={args.epochs}")
@@ -412,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(summary, curves, args.out / "accuracy_vs_macs.png")
     write_csv(args.out / "summary.csv", summary)
     write_csv(args.out / "frontier.csv", frontier)
+    (args.out / "tables.md").write_text(markdown(summary, curves, frontier, results, tasks))
     setup = {"tasks": tasks, "epochs": params.train.epochs, "lr": params.train.lr, "best_params": args.best,
              "overrides": common, "dyt_rates": DYT_RATES, "budgets": BUDGETS, "torch_threads": torch.get_num_threads(),
              "timing_batch": args.batch}

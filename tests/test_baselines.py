@@ -208,6 +208,8 @@ def test_peers_benchmark_end_to_end_with_cache_and_mlflow(tmp_path, capsys):
     assert [r["budget"] for r in report["frontier"]] == peers.FRONTIER_BUDGETS
     assert (out / "accuracy_vs_macs.png").stat().st_size > 10_000
     assert (out / "summary.csv").read_text().startswith("method,")
+    tables = (out / "tables.md").read_text()
+    assert "| dyt_r0.5 |" in tables and "| ≤ 0.5 |" in tables and "Dyn-Adapter − best rival" in tables
 
     client = MlflowClient(tracking_uri=raw["base"]["mlflow"]["tracking_uri"])
     exp = client.get_experiment_by_name("peers-test")

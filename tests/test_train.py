@@ -396,6 +396,26 @@ def test_fit_resumable_starts_over_when_params_changed(tmp_path, capsys):
     assert load_checkpoint(ckpt)["epoch"] == 2  # the new run's checkpoint replaced the stale one
 
 
+def test_fit_resumable_clears_a_checkpoint_write_cut_short_by_a_kill(tmp_path):
+    train, val = easy_data(24, 0), easy_data(8, 1)
+    ckpt = tmp_path / "ckpt.pt"
+
+    def crash_after_1(epoch, metrics):
+        raise Crash
+
+    with pytest.raises(Crash):
+        fit(tiny_model(), train, val, train_cfg(epochs=2), seed=1, checkpoint_path=ckpt, on_epoch_end=crash_after_1,
+            progress=False)
+    half = tmp_path / f".{ckpt.name}.tmp-99999"  # what SIGKILL inside save_checkpoint leaves behind
+    half.write_bytes(ckpt.read_bytes()[:100])
+    other = tmp_path / ".other.pt.tmp-99999"  # another run's file is not ours to remove
+    other.write_bytes(b"x")
+    res = fit_resumable(tiny_model(), train, val, train_cfg(epochs=2), seed=1, checkpoint_path=ckpt,
+                        progress=False)
+    assert res.resumed_from == 1 and len(res.history) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.tmp-99999", "ckpt.pt"]
+
+
 def test_model_selection_uses_val_and_restores_best(tmp_path):
     train, val = easy_data(32, 0), easy_data(16, 1)
     model = tiny_model()

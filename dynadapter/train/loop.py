@@ -707,9 +707,11 @@ def fit_resumable(model: nn.Module, train: DataLike, val: DataLike | None, cfg: 
                   checkpoint_path: str | Path, **kwargs: Any) -> FitResult:
     """`fit` resuming from `checkpoint_path` when it belongs to this run; a checkpoint left by a different
     configuration (params changed since the interrupted run) is deleted, with a message, and training starts
-    over. The checkpoint is kept after success, so a rerun of a finished run returns at once."""
+    over. A temporary file a kill left mid-write beside the checkpoint is removed first. The checkpoint is kept after success, so a rerun of a finished run returns at once."""
     path = Path(checkpoint_path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a write cut short by a kill (see save_checkpoint)
+        stale.unlink(missing_ok=True)
     try:
         return fit(model, train, val, cfg, checkpoint_path=path, **kwargs)
     except CheckpointMismatchError as err:

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -41,6 +42,8 @@ TAG_KIND = "dynadapter.kind"  # "pipeline" (parent) | "task" (nested)
 TAG_STAGE = "dynadapter.stage"
 TAG_TASK = "dynadapter.task"
 TAG_MODEL_URI = "dynadapter.model_uri"  # on a run: its logged dynamic model; on a version: what it registers
+TAG_OWNER_HOST = "dynadapter.owner_host"  # the machine and process that hold a run RUNNING
+TAG_OWNER_PID = "dynadapter.owner_pid"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows task runs under the parent
 PIPELINE_ID_ENV = "DYNADAPTER_PIPELINE_ID"
 CHAMPION = "champion"
@@ -242,10 +245,48 @@ def get_or_create_parent(tracking_uri: str, experiment: str, pipeline_id: str) -
     return RunRef(tracking_uri, oldest, exp_id)
 
 
+def _owner() -> dict[str, str]:
+    return {TAG_OWNER_HOST: socket.gethostname(), TAG_OWNER_PID: str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def close_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """Runs of this experiment left RUNNING by a process of this machine that no longer exists (a stage killed
+    with SIGKILL never ends its runs): ended KILLED, with the reason in a tag, and a stage status the parent
+    still shows as RUNNING becomes KILLED. Runs owned by live processes or by other machines are left alone.
+    Returns the ids of the runs it ended."""
+    host = socket.gethostname()
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get(TAG_OWNER_PID, "")
+        if tags.get(TAG_OWNER_HOST) != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        for key, value in tags.items():
+            if key.startswith("dynadapter.stage_status.") and value == "RUNNING":
+                client.set_tag(run.info.run_id, key, "KILLED")
+        client.set_tag(run.info.run_id, "dynadapter.ended_by", f"its process {pid} on {host} was gone")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
 @contextlib.contextmanager
 def _lifecycle(run: RunRef, status_tag: str | None = None) -> Iterator[RunRef]:
-    """RUNNING while the block runs; FINISHED, FAILED, or KILLED (Ctrl-C) after it."""
+    """RUNNING while the block runs (tagged with the owning host and process); FINISHED, FAILED, or KILLED
+    (Ctrl-C) after it. A SIGKILL leaves it RUNNING: `close_orphaned_runs` ends it on the next stage start."""
     client = run.client
+    for key, value in _owner().items():
+        client.set_tag(run.run_id, key, value)
     client.update_run(run.run_id, status="RUNNING")
     status = "FAILED"
     try:
@@ -280,6 +321,7 @@ def pipeline_run(
     """
     parent = get_or_create_parent(tracking_uri, experiment, pipeline_id)
     client = parent.client
+    close_orphaned_runs(client, parent.experiment_id)
     client.set_tag(parent.run_id, f"dynadapter.stage_status.{stage}", "RUNNING")
     for k, v in (tags or {}).items():
         client.set_tag(parent.run_id, k, v)

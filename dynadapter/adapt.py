@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dynadapter.atomic import replacing
 from dynadapter.config import BackboneConfig, ModelConfig, TrainConfig
 from dynadapter.data import load_split_tensors, read_manifest
 from dynadapter.inference import (
@@ -231,9 +232,8 @@ def save_trained(model: DynAdapterViT, trained: Trained, out_dir: str | Path, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in trainable_state(model).items()}
-    tmp = out / (ADAPTER_FILE + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(out / ADAPTER_FILE)
+    with replacing(out / ADAPTER_FILE) as tmp:
+        save_file(state, str(tmp))
     info = {
         "backbone": backbone_cfg.model_dump(mode="json"),
         "model": model_cfg.model_dump(mode="json"),

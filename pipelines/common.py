@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dynadapter.atomic import write_text_atomic  # noqa: F401 - the stages' one way to write a small output
+from dynadapter.atomic import replacing, write_text_atomic  # noqa: F401 - the stages' one way to write a small output
 from dynadapter.config import ConfigError, Params, load_params, save_resolved
 
 QUIET_ENV = {
@@ -89,7 +89,7 @@ def staged_output(target: str | Path):
 def write_csv(path: str | Path, rows: list[dict]) -> None:
     """Rows of dicts as CSV; the columns are every key seen, in first-seen order (rows may differ)."""
     keys = list(dict.fromkeys(k for row in rows for k in row)) or ["empty"]
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)

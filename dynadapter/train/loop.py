@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dynadapter.atomic import replacing, stale_temporaries
 from dynadapter.config import OptimConfig, TrainConfig
 from dynadapter.train.losses import PrioritySchedule, as_logits_list, multi_exit_loss
 from dynadapter.train.sparsity import GradientMasker
@@ -424,16 +425,10 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
     half-written checkpoint behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -707,10 +702,11 @@ def fit_resumable(model: nn.Module, train: DataLike, val: DataLike | None, cfg: 
                   checkpoint_path: str | Path, **kwargs: Any) -> FitResult:
     """`fit` resuming from `checkpoint_path` when it belongs to this run; a checkpoint left by a different
     configuration (params changed since the interrupted run) is deleted, with a message, and training starts
-    over. A temporary file a kill left mid-write beside the checkpoint is removed first. The checkpoint is kept after success, so a rerun of a finished run returns at once."""
+    over. A temporary file a kill left mid-write beside the checkpoint is removed first. The checkpoint is kept
+    after success, so a rerun of a finished run returns at once."""
     path = Path(checkpoint_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a write cut short by a kill (see save_checkpoint)
+    for stale in stale_temporaries(path):  # a save_checkpoint cut short by a kill
         stale.unlink(missing_ok=True)
     try:
         return fit(model, train, val, cfg, checkpoint_path=path, **kwargs)

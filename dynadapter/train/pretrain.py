@@ -9,6 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from dynadapter.atomic import replacing
 from dynadapter.config import BackboneConfig, PretrainConfig
 from dynadapter.data import load_split_tensors, read_manifest
 from dynadapter.models.backbone import normalization
@@ -51,9 +52,8 @@ def pretrain_backbone(
         on_epoch_end=on_epoch_end,
     )
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    tmp = out_dir / (BACKBONE_FILE + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(out_dir / BACKBONE_FILE)
+    with replacing(out_dir / BACKBONE_FILE) as tmp:
+        save_file(state, str(tmp))
     info = {
         "name": backbone_cfg.name,
         "overrides": backbone_cfg.overrides,

@@ -3,6 +3,7 @@
 #   make test   - set up .venv (once) and run the test suite
 # Set-up reinstalls only when pyproject.toml or constraints.txt change.
 
+SHELL  := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -15,7 +16,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: repro test bench install clean-venv
+.PHONY: repro test bench backbone install clean-venv
 
 install: $(STAMP)
 
@@ -32,6 +33,12 @@ repro: $(STAMP)
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro tune
 	$(BIN)/python bench/peers.py $(BENCH_ARGS)
+
+# Rebuild the shipped embedded backbone (weights/): pretrain with params.yaml's `pretrain` section (about 30 min
+# on 2 CPU cores), record checksum + command + figures in weights/embedded_backbone.json, keep the log beside it.
+backbone: $(STAMP)
+	set -o pipefail; $(BIN)/python -m pipelines.pretrain --ship 2>&1 | tee weights/embedded_backbone.log.partial
+	mv weights/embedded_backbone.log.partial weights/embedded_backbone.log
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -20,6 +20,7 @@ from dynadapter.config import BackboneConfig, ModelConfig, TrainConfig
 from dynadapter.data import load_split_tensors, read_manifest
 from dynadapter.inference import (
     calibrate,
+    compare_modes,
     collect_exit_logits,
     dynamic_vs_full,
     evaluate_thresholds,
@@ -72,6 +73,7 @@ class Evaluated:
     test_exit_accuracy: list[float]  # accuracy of each exit alone on test (static truncation at that exit)
     curve: list[dict[str, Any]] = field(default_factory=list)  # val-calibrated points, with test figures
     throughput: dict[str, Any] | None = None
+    mode_comparison: dict[str, Any] | None = None  # calibration modes scored on held-out val halves
 
 
 @dataclass
@@ -91,7 +93,7 @@ def full_depth_baseline(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple
     """The paper's comparison for `model_cfg`: the same PETL module at full depth with one head, trained with
     the same budget (epochs, lr, batch, sparsity); with one head there are no per-exit loss weights and no
     self-distillation."""
-    priority = train_cfg.priority.model_copy(update={"start": None, "end": None})
+    priority = train_cfg.priority.model_copy(update={"start": None, "end": None, "pattern": "flat"})
     return (model_cfg.model_copy(update={"early_exit": False, "exits": None}),
             train_cfg.model_copy(update={"priority": priority, "distill": 0.0}))
 
@@ -138,10 +140,13 @@ def train_task(
 
 
 def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
-                  throughput_batch: int = 0, repeats: int = 5) -> Evaluated:
-    """Merge PETL, calibrate thresholds on val for `budget`, then evaluate once on test (and the val-calibrated
-    threshold sweep on test). `throughput_batch` > 0 also times compacted dynamic inference against full depth
-    on that many test images. Leaves the model merged, in eval mode, holding the calibrated thresholds."""
+                  throughput_batch: int = 0, repeats: int = 5, calibration: str = "path") -> Evaluated:
+    """Merge PETL, calibrate thresholds on val for `budget` (`calibration`: path | search, see
+    `dynadapter.inference.calibrate`), then evaluate once on test (and the val-calibrated threshold sweep on
+    test). Both calibration modes are also scored on held-out val halves (`mode_comparison`), so whether
+    `search` beats the default can be judged without test. `throughput_batch` > 0 also times compacted
+    dynamic inference against full depth on that many test images. Leaves the model merged, in eval mode,
+    holding the calibrated thresholds."""
     model.eval()
     merge_petl(model)  # Rep-Adapter / LoRA folded into the frozen weights: inference pays nothing for them
     costs = measure_stage_costs(model)
@@ -150,13 +155,16 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
     val_y, test_y = data.val[1], data.test[1]
 
     cal = calibrate(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
-                    confidence=model.confidence)
+                    confidence=model.confidence, mode=calibration)
     model.set_thresholds(cal.thresholds)
     ev = evaluate_thresholds(test_logits, test_y, cal.thresholds, costs, model.confidence)
 
-    curve = []
+    curve, modes = [], None
     if len(model.exits) > 1:
-        points = sweep(val_logits=val_logits, val_labels=val_y, costs=costs, confidence=model.confidence)
+        points = sweep(val_logits=val_logits, val_labels=val_y, costs=costs, confidence=model.confidence,
+                       mode=calibration)
+        modes = compare_modes(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
+                              confidence=model.confidence)
         front = {id(p) for p in pareto_front(points)}
         for p in points:
             t = evaluate_thresholds(test_logits, test_y, p.thresholds, costs, model.confidence)
@@ -179,6 +187,7 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
         test_exit_accuracy=_exit_accuracy(test_logits, test_y),
         curve=curve,
         throughput=throughput,
+        mode_comparison=modes,
     )
 
 

@@ -28,20 +28,19 @@ class Section(BaseModel):
 
 class PathsConfig(Section):
     data: str = Field("data/prepared", description="Prepared Parquet datasets, one folder per task.")
-    upstream: str = Field("data/upstream", description="Prepared upstream (pretraining) dataset.")
     models: str = Field("models", description="Trained backbones and adapted models.")
     outputs: str = Field("outputs", description="Metrics, plots and resolved configs per stage.")
 
 
 class BackboneConfig(Section):
     name: str = Field(
-        "vit_tiny_patch16_224",
+        "vit_convstem",
         description="timm VisionTransformer name; `overrides` adjust its architecture (img_size, depth, ...).",
     )
     checkpoint: str | None = Field(
         None,
-        description="Local weights file (.pth, .npz or .safetensors). None: the pretrain stage trains the "
-        "embedded default backbone on the procedural upstream set.",
+        description="Local weights file (.pth, .npz or .safetensors). None: the embedded default backbone "
+        "(shipped in weights/, or pretrained by the pretrain stage on procedural scenes).",
     )
     overrides: dict[str, Any] = Field(
         default_factory=lambda: {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 12, "num_heads": 2},
@@ -154,8 +153,6 @@ class EmbeddedDataConfig(Section):
     train: int = Field(800, gt=0, description="Training images per downstream task (VTAB-1k: 800).")
     val: int = Field(200, gt=0, description="Validation images per downstream task (VTAB-1k: 200).")
     test: int = Field(1000, gt=0, description="Test images per downstream task.")
-    upstream_train: int = Field(20000, gt=0, description="Upstream (pretraining) training images.")
-    upstream_val: int = Field(2000, gt=0, description="Upstream validation images.")
 
 
 class PrepareConfig(Section):
@@ -187,17 +184,33 @@ class OptimConfig(Section):
 
 
 class PretrainConfig(OptimConfig):
-    epochs: int = Field(12, gt=0, description="Upstream pretraining epochs.")
+    source: Literal["shipped", "train"] = Field(
+        "shipped", description="shipped: use the backbone weights shipped in weights/ (checked against their "
+        "recorded sha256; built by `make backbone` with this section); train: pretrain here (about 30 minutes "
+        "on 2 CPU cores with the defaults). Ignored when base.backbone.checkpoint is set.")
+    scenes: int = Field(50000, gt=0, description="Generated multi-factor training scenes (dynadapter.data.upstream).")
+    val_scenes: int = Field(2000, gt=0, description="Held-out scenes for the per-factor val accuracy.")
+    epochs: int = Field(24, gt=0, description="Upstream pretraining epochs.")
     batch_size: int = Field(128, gt=0, description="Batch size.")
     lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
 
 
+PriorityPattern = Literal["flat", "shallow_first", "deep_first"]
+
+
 class PriorityConfig(Section):
+    pattern: PriorityPattern = Field(
+        "shallow_first",
+        description="Shape of the per-exit loss weights when start/end are not given. shallow_first: shallow "
+        "exits weigh 1+strength at the start and decline to 1-strength while deep exits rise the other way "
+        "(the paper's 'progressively increase / gradually decline'); deep_first: the reverse; flat: all 1.")
+    strength: float = Field(0.5, ge=0, lt=1, description="How far the pattern's weights move away from 1.")
     start: list[float] | None = Field(
-        None, description="Per-exit loss weight at the start of training. None: all 1."
+        None, description="Per-exit loss weight at the start of training (overrides `pattern`). None: pattern."
     )
-    end: list[float] | None = Field(None, description="Per-exit loss weight at the end of training. None: all 1.")
+    end: list[float] | None = Field(None, description="Per-exit loss weight at the end of training (overrides "
+                                    "`pattern`). None: pattern.")
     shape: Literal["linear", "cosine", "constant"] = Field(
         "cosine", description="How weights move from start to end over training (constant: start only)."
     )
@@ -232,6 +245,13 @@ class TrainConfig(OptimConfig):
 
 
 class EvaluateConfig(Section):
+    calibration: Literal["path", "search"] = Field(
+        "path", description="Threshold calibration on val: path (one shared threshold, the largest the budget "
+        "affords: accuracy follows the budget) or search (per-exit thresholds maximising val accuracy; scored "
+        "against path on held-out val halves in per_task.json `mode_comparison`).")
+    transfer_probe: bool = Field(
+        True, description="Report how the backbone transfers (metrics.json `transfer`): linear probes on its "
+        "frozen features vs a random-init backbone and raw pixels, train -> val.")
     throughput_batch: int = Field(
         256, ge=0, description="Test images timed for compacted dynamic vs full-depth CPU throughput; 0 = skip.")
     throughput_repeats: int = Field(5, ge=1, description="Timed repeats (the median is reported).")
@@ -263,13 +283,16 @@ class SearchSpaceConfig(Section):
         "clipped to it, since dropout must not rise with depth.")
     q: Range | None = Field([0.0, 0.3], description="train.sparsity.q range (uniform).")
     priority_start: Range | list[Range] | None = Field(
-        [0.5, 2.0], description="train.priority.start: one [low, high] range for every exit (each drawn "
-        "independently), or one range per exit.")
+        None, description="train.priority.start: one [low, high] range for every exit (each drawn "
+        "independently), or one range per exit; null: the pattern/strength below are searched instead.")
     priority_end: Range | list[Range] | None = Field(
-        [0.5, 2.0], description="train.priority.end, as priority_start.")
+        None, description="train.priority.end, as priority_start.")
+    priority_pattern: list[PriorityPattern] | None = Field(
+        ["shallow_first", "deep_first"], description="train.priority.pattern choices (one drawn per trial).")
+    priority_strength: Range | None = Field([0.0, 0.8], description="train.priority.strength range (uniform).")
     lr: Range | None = Field(None, description="train.lr range (log-uniform); null: not searched.")
 
-    @field_validator("p_max", "p_min", "q")
+    @field_validator("p_max", "p_min", "q", "priority_strength")
     @classmethod
     def _rates(cls, v: Range | None) -> Range | None:
         _check_range(v, 0.0, 1.0, hi_open=True)

@@ -156,7 +156,6 @@ class DynamicPredictor:
         self.input_shape = tuple(config["input_shape"])  # (C, H, W)
         self._mean = torch.tensor(config["mean"], dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(config["std"], dtype=torch.float32).view(-1, 1, 1)
-        self._cum = torch.tensor(costs.cumulative(), dtype=torch.int64)
 
     @property
     def num_exits(self) -> int:
@@ -226,6 +225,7 @@ class DynamicPredictor:
                 thresholds: Sequence[float] | None = None) -> dict[str, np.ndarray]:
         x = self.check_images(images)
         th = torch.tensor(self.resolve_thresholds(budget, thresholds), dtype=torch.float32)
+        cum = torch.tensor(self.costs.cumulative(th), dtype=torch.int64)  # skipped heads cost nothing
         device = next(self.model.parameters()).device
         outs: dict[str, list[torch.Tensor]] = {"prediction": [], "exit_index": [], "confidence": [], "macs": []}
         for i in range(0, x.shape[0], PREDICT_BATCH):
@@ -235,7 +235,7 @@ class DynamicPredictor:
             outs["prediction"].append(out.preds.cpu())
             outs["exit_index"].append(exit_index)
             outs["confidence"].append(confidence_score(out.logits, self.model.confidence).cpu())
-            outs["macs"].append(self._cum[exit_index])
+            outs["macs"].append(cum[exit_index])
         empty = {"prediction": torch.long, "exit_index": torch.long, "confidence": torch.float32, "macs": torch.long}
         return {k: (torch.cat(v) if v else torch.zeros(0, dtype=empty[k])).numpy() for k, v in outs.items()}
 

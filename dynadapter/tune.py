@@ -135,6 +135,13 @@ def search_space(cfg: TuneConfig, num_exits: int) -> dict[str, Any]:
         if getattr(ss, key) is not None:
             for i, r in enumerate(_per_exit(key, getattr(ss, key), num_exits)):
                 space[f"{key}_{i}"] = _domain(r)
+    if ss.priority_strength is not None:
+        space["priority_strength"] = _domain(ss.priority_strength)
+    if ss.priority_pattern:
+        from ray import tune
+
+        patterns = list(dict.fromkeys(ss.priority_pattern))
+        space["priority_pattern"] = patterns[0] if len(patterns) == 1 else tune.choice(patterns)
     return space
 
 
@@ -156,9 +163,13 @@ def overrides_from(config: Mapping[str, Any], train: TrainConfig) -> dict[str, A
     if "lr" in config:
         out["train.lr"] = float(config["lr"])
     for key, name in (("priority_start", "start"), ("priority_end", "end")):
-        idx = sorted(int(k.rsplit("_", 1)[1]) for k in config if k.startswith(f"{key}_"))
+        idx = sorted(int(k.rsplit("_", 1)[1]) for k in config if k.startswith(f"{key}_") and k[len(key) + 1:].isdigit())
         if idx:
             out[f"train.priority.{name}"] = [float(config[f"{key}_{i}"]) for i in idx]
+    if "priority_strength" in config:
+        out["train.priority.strength"] = float(config["priority_strength"])
+    if "priority_pattern" in config:
+        out["train.priority.pattern"] = str(config["priority_pattern"])
     return out
 
 

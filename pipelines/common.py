@@ -102,6 +102,8 @@ def epoch_printer(label: str, epochs: int):
     def report(epoch: int, metrics: dict) -> None:
         val = metrics.get("val_acc")
         val_txt = " val_acc " + "/".join(f"{a:.3f}" for a in val) if val else ""
+        factors = metrics.get("val_factor_acc")  # the pretraining's per-factor val accuracy
+        val_txt += " val " + " ".join(f"{k} {a:.3f}" for k, a in factors.items()) if factors else ""
         print(f"{label}: epoch {epoch}/{epochs} loss {metrics['train_loss']:.4f}{val_txt} "
               f"({metrics.get('seconds', 0.0):.1f}s)", flush=True)
 

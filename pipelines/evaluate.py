@@ -137,7 +137,8 @@ def run(params, parent=None) -> tuple[dict, dict, dict]:
             model, trained, _ = load_trained(Path(base.paths.models) / "tasks" / task / variant, checkpoint)
             with tracked_task(parent, task, variant, {"budget": base.budget}, stage="evaluate") as mlrun:
                 ev = evaluate_task(model, data, budget=base.budget, repeats=params.evaluate.throughput_repeats,
-                                   throughput_batch=params.evaluate.throughput_batch if variant == "dyn" else 0)
+                                   throughput_batch=params.evaluate.throughput_batch if variant == "dyn" else 0,
+                                   calibration=params.evaluate.calibration)
                 if mlrun is not None:
                     log_task_result(mlrun, TaskResult(trained, ev))
                     if variant == "dyn":
@@ -164,7 +165,26 @@ def run(params, parent=None) -> tuple[dict, dict, dict]:
                       "baseline_test_accuracy": r["baseline"]["test"]["accuracy"],
                       "exit_accuracy": r["dyn"]["test_exit_accuracy"]} for t, r in per_task.items()},
     }
+    if params.evaluate.transfer_probe:
+        metrics["transfer"] = transfer(base, checkpoint)
     return metrics, per_task, models
+
+
+def transfer(base, checkpoint) -> dict:
+    """How the backbone transfers (dynadapter.transfer): probes train -> val, suite means and per task."""
+    import torch
+
+    from dynadapter.adapt import load_task_for
+    from dynadapter.models import create_backbone
+    from dynadapter.transfer import transfer_report
+
+    torch.manual_seed(base.seed)  # the random-init reference is seeded too
+    random_init = create_backbone(base.backbone)
+    report = transfer_report(create_backbone(base.backbone, checkpoint), random_init,
+                             {task: load_task_for(base, task) for task in base.tasks})
+    print(f"evaluate: transfer probe (val) {report.probe_val:.4f} vs random init {report.random_init_probe_val:.4f} "
+          f"and pixels {report.pixel_probe_val:.4f}")
+    return report.to_dict()
 
 
 def log_suite(parent, out: Path, metrics: dict) -> None:

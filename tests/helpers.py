@@ -86,7 +86,7 @@ def images(n: int, seed: int = 0, size: int = 16) -> torch.Tensor:
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-DVC_PATHS = {"data": "data/prepared", "upstream": "data/upstream", "models": "models", "outputs": "outputs"}
+DVC_PATHS = {"data": "data/prepared", "models": "models", "outputs": "outputs"}
 
 
 def project_env(cwd: Path) -> dict[str, str]:
@@ -109,7 +109,7 @@ def git(args: list[str], cwd: Path) -> None:
 def dvc_project(root: Path, params: dict) -> Path:
     """A committed git + DVC repository in `root` holding the project's code and dvc.yaml, with `params` (paths
     replaced by the real params.yaml's relative ones) as its params.yaml."""
-    for name in ("dynadapter", "pipelines"):
+    for name in ("dynadapter", "pipelines", "weights"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, root / name)

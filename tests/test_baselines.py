@@ -160,14 +160,18 @@ def _load_peers():
     return module
 
 
-def test_frontier_compares_the_best_point_each_family_reaches_within_each_budget():
+def test_frontier_picks_each_familys_operating_point_on_val_not_test():
+    """Audit #14.4: the frontier used the best TEST accuracy within each budget (for DyT the best of four
+    models by test). Each family's point is now chosen on val; test is only read off the chosen point."""
     peers = _load_peers()
-    points = {"Dyn-Adapter": [(0.35, 0.50), (0.62, 0.60)], "DyT": [(0.45, 0.55), (0.9, 0.70)],
-              "static truncation": [(0.5, 0.40), (1.0, 0.65)]}
+    points = {"Dyn-Adapter": [(0.35, 0.52, 0.50), (0.6, 0.61, 0.60)],
+              "DyT": [(0.45, 0.56, 0.55), (0.55, 0.50, 0.66), (0.9, 0.71, 0.70)],  # 0.55: lucky on test only
+              "static truncation": [(0.5, 0.41, 0.40), (1.0, 0.64, 0.65)]}
     rows = {r["budget"]: r for r in peers.frontier_table(points)}
     assert rows[0.4] == {"budget": 0.4, "Dyn-Adapter": 0.50, "DyT": None, "static truncation": None,
                          "dyn_minus_best_rival": None}
     assert rows[0.5]["DyT"] == 0.55 and rows[0.5]["dyn_minus_best_rival"] == pytest.approx(-0.05)
+    assert rows[0.6]["DyT"] == 0.55  # the val-better model, although the other one scores 0.66 on test
     assert rows[0.7]["Dyn-Adapter"] == 0.60 and rows[0.7]["dyn_minus_best_rival"] == pytest.approx(0.05)
     assert rows[1.0]["DyT"] == 0.70 and rows[1.0]["dyn_minus_best_rival"] == pytest.approx(-0.10)
 

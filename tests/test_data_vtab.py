@@ -240,10 +240,9 @@ def test_odd_modes_are_stored_as_rgb_png(tmp_path, mode, value, fmt, rgb):
 
 
 def _prepare_args(tmp_path: Path, *extra: str) -> list[str]:
-    sets = [f"base.paths.data={tmp_path}/data", f"base.paths.upstream={tmp_path}/upstream",
+    sets = [f"base.paths.data={tmp_path}/data",
             f"base.paths.outputs={tmp_path}/outputs", "prepare.source=vtab", f"prepare.vtab_root={tmp_path}/vtab",
-            "base.tasks=[cifar100, dtd]", "prepare.embedded.upstream_train=20", "prepare.embedded.upstream_val=20",
-            *extra]
+            "base.tasks=[cifar100, dtd]", *extra]
     return ["--params", str(REPO / "params.yaml")] + [a for s in sets for a in ("--set", s)]
 
 
@@ -256,7 +255,6 @@ def test_prepare_stage_imports_vtab_and_reports_skips(tmp_path, capsys):
     summary = json.loads((tmp_path / "outputs/prepare/summary.json").read_text())
     assert summary["tasks"]["dtd"]["counts"] == {"train": 3, "val": 3, "test": 2}
     assert summary["skipped"] == {"cifar": [], "dtd": [f"{d / 'test.txt'}:2: negative label -4"]}
-    assert summary["upstream"]["counts"] == {"train": 20, "val": 20, "test": 0}
     assert f"{d / 'test.txt'}:2: negative label -4" in capsys.readouterr().err
 
 

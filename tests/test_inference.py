@@ -14,7 +14,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynadapter.inference.flops as flops_module
 from dynadapter.inference import (
+    MODES,
+    NEVER,
     CurvePoint,
+    compare_modes,
     StageCosts,
     calibrate,
     collect_exit_logits,
@@ -30,6 +33,7 @@ from dynadapter.inference import (
     sweep,
     vit_macs_closed_form,
 )
+from dynadapter.config import SparsityConfig
 from dynadapter.models import confidence_score
 from helpers import images, one_thread, randomize_petl, sharpen_heads, tiny_model  # noqa: F401
 
@@ -143,6 +147,49 @@ def test_forward_dynamic_compacts_the_batch(kind):
             h.remove()
     with pytest.raises(ValueError, match="4 thresholds"):
         model.forward_dynamic(x, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("method", ["adapter", "lora"])
+def test_unreachable_heads_are_skipped_and_cost_nothing(method):
+    """Regression (audit #14.1): "everyone to the last exit" used to run every early head and cost more than
+    full depth, so budget 1.0 could never choose it. Heads whose threshold is above 1 are now skipped: the
+    executed MACs equal the full-depth baseline exactly, and predictions equal the last exit's."""
+    model = tiny_model(method, sparsity=None)
+    model.eval()
+    costs = measure_stage_costs(model)
+    x1 = images(1, seed=4)
+    with flops_module.unfused_attention(model):
+        executed = flops_module.count_macs(model.forward_dynamic, x1, [NEVER] * 3 + [0.0])
+        one_head = flops_module.count_macs(model.forward_dynamic, x1, [NEVER, 0.5, NEVER, 0.0])
+    assert executed == costs.full_depth_baseline() == costs.cumulative([NEVER] * 3 + [0.0])[-1]
+    assert executed < costs.full()
+    assert one_head in (costs.cumulative([NEVER, 0.5, NEVER, 0.0])[1], costs.cumulative([NEVER, 0.5, NEVER, 0.0])[3])
+    x = images(12, seed=5)
+    out = model.forward_dynamic(x, [NEVER] * 3 + [0.0])
+    assert torch.equal(out.exit_index, torch.full((12,), 3))
+    assert torch.allclose(out.logits, model(x)[-1], atol=1e-5)
+    assert dynamic_macs(costs, out.exit_index, [NEVER] * 3 + [0.0]) == costs.full_depth_baseline()
+
+
+def test_forward_dynamic_runs_in_eval_mode_and_restores_the_mode():
+    """Regression (audit #14.5): a caller in train mode got dropout inside forward_dynamic."""
+    model = tiny_model("adapter", sparsity=SparsityConfig(p_max=0.9, p_min=0.9, backward=False))
+    x = images(8, seed=6)
+    model.eval()
+    reference = model.forward_dynamic(x, [0.0] * 4).logits
+    model.train()
+    again = model.forward_dynamic(x, [0.0] * 4).logits
+    assert model.training and torch.equal(reference, again)
+
+
+def test_compare_modes_scores_both_modes_on_held_out_val_halves(costs):
+    logits, labels = synthetic_exit_logits(200, 2)
+    report = compare_modes(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=0.6, repeats=2)
+    assert set(report) == set(MODES)
+    for r in report.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.2 < r["fraction"] < 0.75  # held-out halves: near the budget
+    chance = 1 / logits.shape[-1]
+    assert all(r["accuracy"] > chance for r in report.values())
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs
@@ -280,14 +327,17 @@ def test_thresholds_do_not_depend_on_test(kind, costs):
 BUDGETS = [0.05, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", CONFIDENCES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_calibration_respects_budget(kind, seed, costs):
+def test_calibration_respects_budget(kind, seed, mode, costs):
     logits, labels = synthetic_exit_logits(200, seed)
     base = costs.full_depth_baseline()
     cheapest = costs.cumulative()[0]
+    last_exit_accuracy = int((logits[-1].argmax(-1) == labels).sum()) / 200
     for b in BUDGETS:
-        cal = calibrate(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=b, confidence=kind)
+        cal = calibrate(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=b, confidence=kind,
+                        mode=mode)
         assert cal.feasible == (cheapest <= b * base)
         sim = simulate(logits, labels, cal.thresholds, costs, kind)
         assert sim.accuracy == pytest.approx(cal.val_accuracy) and sim.mean_macs == pytest.approx(cal.val_macs)
@@ -296,8 +346,40 @@ def test_calibration_respects_budget(kind, seed, costs):
             assert cal.val_macs <= b * base and cal.fraction <= b
         else:  # the cheapest setting, flagged: everybody leaves at exit 0
             assert cal.val_macs == cheapest and sim.exit_index.tolist() == [0] * 200
-        if b * base >= costs.full():  # "nobody leaves early" fits: calibration can only do better
-            assert cal.val_accuracy >= (logits[-1].argmax(-1) == labels).float().mean().item()
+        if b >= 1.0:  # "everyone to the last exit" costs exactly full depth (early heads skipped): it fits
+            assert cal.val_accuracy >= last_exit_accuracy
+            if mode == "path":
+                assert cal.thresholds[:-1] == [NEVER] * 3 and cal.val_macs == base
+
+
+@pytest.mark.parametrize("kind", CONFIDENCES)
+@pytest.mark.parametrize("seed", [1, 5, 10])
+def test_path_calibration_is_monotone_in_the_budget(kind, seed, costs):
+    """Default mode: a larger budget never sends a sample to an earlier exit and spends at least as much;
+    budget 1.0 is the last exit alone at exactly the full-depth cost."""
+    logits, labels = synthetic_exit_logits(150, seed)
+    prev_exit, prev_macs = None, -1.0
+    for b in np.linspace(0.35, 1.0, 14):
+        cal = calibrate(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=float(b), confidence=kind)
+        exits = simulate(logits, labels, cal.thresholds, costs, kind).exit_index
+        if prev_exit is not None:
+            assert bool((exits >= prev_exit).all()) and cal.val_macs >= prev_macs - 1e-6
+        prev_exit, prev_macs = exits, cal.val_macs
+    assert cal.val_macs == costs.full_depth_baseline() and bool((exits == 3).all())
+
+
+def test_path_calibration_fills_the_budget(costs):
+    """The largest affordable threshold: one step further along the path would break the budget."""
+    logits, labels = synthetic_exit_logits(200, 3)
+    base = costs.full_depth_baseline()
+    path = np.unique(confidence_score(logits[:-1].reshape(-1, logits.shape[-1])).numpy())
+    for b in (0.4, 0.55, 0.7, 0.85):
+        cal = calibrate(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=b)
+        assert len(set(cal.thresholds[:-1])) == 1 and cal.fraction <= b
+        higher = path[path > cal.thresholds[0]]
+        if higher.size:  # the next threshold on the path (just above the next confidence) costs too much
+            nxt = float(higher[0]) + 1e-6
+            assert simulate(logits, labels, [nxt] * 3 + [0.0], costs).mean_macs > b * base
 
 
 @pytest.mark.parametrize("kind", CONFIDENCES)
@@ -306,7 +388,8 @@ def test_larger_budget_never_less_accurate(kind, seed, costs):
     logits, labels = synthetic_exit_logits(150, seed)
     accs = []
     for b in np.linspace(0.35, 1.2, 12):  # on and between the search's 1% steps
-        cal = calibrate(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=float(b), confidence=kind)
+        cal = calibrate(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=float(b), confidence=kind,
+                        mode="search")
         assert cal.feasible
         accs.append(cal.val_accuracy)
     assert accs == sorted(accs), accs

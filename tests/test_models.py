@@ -248,6 +248,25 @@ def test_forward_sparsity_falls_with_depth(method, sparsity, exits, depth, expec
     assert stage_dropout(sparsity, n) == pytest.approx([expected[b] for b in stage_first_block])
 
 
+def _rates(model):
+    blocks = [{m.drop.p for m in b.modules() if isinstance(m, PetlModule)}.pop() for b in model.backbone.blocks]
+    heads = [[m.p for m in h.modules() if isinstance(m, torch.nn.Dropout)][0] for h in model.heads]
+    return blocks, heads
+
+
+@pytest.mark.parametrize("method", PETL_METHODS)
+def test_baselines_get_dyn_adapters_dropout_at_the_same_depth(method):
+    """Regression (audit #14.3): the one-head full-depth baseline used to get p_max in every block and in its
+    head, where Dyn-Adapter's deep blocks and last head get p_min. Every variant now shares one per-depth rule."""
+    sparsity = SparsityConfig(p_max=0.4, p_min=0.1)
+    dyn_blocks, dyn_heads = _rates(tiny_model(method, sparsity=sparsity, depth=8))
+    full_blocks, full_heads = _rates(tiny_model(method, early_exit=False, sparsity=sparsity, depth=8))
+    trunc_blocks, trunc_heads = _rates(tiny_model(method, exits=[4], sparsity=sparsity, depth=8))
+    assert dyn_blocks == pytest.approx([0.4, 0.4, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1])
+    assert full_blocks == pytest.approx(dyn_blocks) and full_heads == pytest.approx([dyn_heads[-1]]) == [0.1]
+    assert trunc_blocks[:4] == pytest.approx(dyn_blocks[:4]) and trunc_heads == pytest.approx([dyn_heads[1]])
+
+
 def test_stage_dropout_endpoints():
     rates = stage_dropout(SparsityConfig(p_max=0.3, p_min=0.05), 6)
     assert rates[0] == pytest.approx(0.3) and rates[-1] == pytest.approx(0.05)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from dynadapter.data.upstream import FACTORS
 from pipelines import evaluate, prepare, pretrain, register, train, tune
 
 TINY_BACKBONE = {"img_size": 16, "patch_size": 8, "embed_dim": 24, "depth": 4, "num_heads": 2}
@@ -23,15 +24,14 @@ def tiny_params(root) -> dict:
     return {
         "base": {
             "seed": 0,
-            "paths": {k: str(root / k) for k in ("data", "upstream", "models", "outputs")},
+            "paths": {k: str(root / k) for k in ("data", "models", "outputs")},
             "tasks": ["size", "digits"],
             "backbone": {"name": "vit_tiny_patch16_224", "checkpoint": None, "overrides": TINY_BACKBONE},
             "budget": 0.5,
             "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tiny"},
         },
-        "prepare": {"embedded": {"image_size": 16, "train": 48, "val": 24, "test": 40,
-                                 "upstream_train": 96, "upstream_val": 32}},
-        "pretrain": {"epochs": 1, "batch_size": 32},
+        "prepare": {"embedded": {"image_size": 16, "train": 48, "val": 24, "test": 40}},
+        "pretrain": {"source": "train", "scenes": 96, "val_scenes": 32, "epochs": 1, "batch_size": 32},
         "train": {"epochs": 2, "batch_size": 16, "lr": 0.005},
         "evaluate": {"throughput_batch": 16, "throughput_repeats": 1},
         "tune": {"num_samples": 2, "epochs": 1, "tasks": ["size"],
@@ -75,10 +75,12 @@ def test_prepare_and_pretrain_outputs(pipeline_run):
     root, _ = pipeline_run
     summary = json.loads((root / "outputs/prepare/summary.json").read_text())
     assert summary["tasks"]["size"]["counts"] == {"train": 48, "val": 24, "test": 40}
-    assert summary["upstream"]["counts"]["train"] == 96
+    assert "upstream" not in summary  # the pretraining scenes are the pretrain stage's own business
     assert (root / "models/backbone/backbone.safetensors").is_file()
     metrics = json.loads((root / "outputs/pretrain/metrics.json").read_text())
-    assert 0.0 <= metrics["upstream_val_accuracy"] <= 1.0
+    factors = metrics["upstream_val_factor_accuracy"]
+    assert metrics["source"] == "train" and set(factors) == set(FACTORS)
+    assert metrics["upstream_val_accuracy"] == pytest.approx(sum(factors.values()) / len(factors), abs=1e-3)
 
 
 def test_train_writes_both_variants_per_task(pipeline_run):

@@ -138,6 +138,33 @@ def test_priority_schedule_rejects_bad_config(kwargs, field):
         PrioritySchedule(4, **kwargs)
 
 
+@pytest.mark.parametrize("exits", [2, 4, 5])
+def test_priority_pattern_moves_emphasis_without_changing_the_mean(exits):
+    from dynadapter.train.losses import pattern_weights
+
+    start, end = pattern_weights("shallow_first", 0.5, exits)
+    assert start[0] == pytest.approx(1.5) and start[-1] == pytest.approx(0.5)  # shallow exits lead early
+    assert end == pytest.approx(start[::-1])  # and hand over to the deep ones
+    assert sum(start) == pytest.approx(exits) and sum(end) == pytest.approx(exits)
+    assert all(a > b for a, b in zip(start, start[1:]))
+    assert pattern_weights("deep_first", 0.5, exits) == (end, start)
+    assert pattern_weights("flat", 0.5, exits) == ([1.0] * exits, [1.0] * exits)
+    assert pattern_weights("shallow_first", 0.9, 1) == ([1.0], [1.0])  # a single head always weighs 1
+
+
+def test_default_train_config_prioritizes_but_the_full_depth_baseline_does_not():
+    """Audit #14: the headline ran without prioritization (all weights 1)."""
+    from dynadapter.adapt import full_depth_baseline
+    from dynadapter.config import ModelConfig, TrainConfig
+    from dynadapter.train.loop import _priority_schedule
+
+    cfg = TrainConfig()
+    sched = _priority_schedule(tiny_model(), cfg)
+    assert sched is not None and sched.weights(0.0)[0] > 1.0 > sched.weights(1.0)[0]
+    _, base_cfg = full_depth_baseline(ModelConfig(), cfg)
+    assert _priority_schedule(tiny_model(early_exit=False), base_cfg) is None
+
+
 def test_priority_from_config_and_fit_check_exit_count():
     assert PrioritySchedule.from_config(PriorityConfig(start=[2, 1], shape="linear"), 2).weights(1.0) == [1, 1]
     model = tiny_model()

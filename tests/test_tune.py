@@ -163,7 +163,8 @@ def test_params_yaml_has_a_valid_tune_section():
 
 
 def test_search_space_maps_to_valid_train_overrides():
-    params = parse_params({"tune": {"search_space": {"priority_end": [[0.5, 1.0], [1, 1], [1, 2], [2, 2]],
+    params = parse_params({"tune": {"search_space": {"priority_start": [0.5, 2.0],
+                                                     "priority_end": [[0.5, 1.0], [1, 1], [1, 2], [2, 2]],
                                                      "lr": [1e-4, 1e-2]}}})
     space = search_space(params.tune, num_exits=4)
     assert {"p_max", "p_min", "q", "lr"} <= set(space)
@@ -179,6 +180,23 @@ def test_search_space_maps_to_valid_train_overrides():
     assert overrides["train.priority.start"] == [1.0, 2.0, 3.0, 4.0]
     cfg = apply_overrides_to(params.train, overrides)
     assert (cfg.sparsity.p_max, cfg.sparsity.q, cfg.lr) == (0.1, 0.2, 3e-3)
+
+
+def test_default_search_space_searches_the_priority_pattern_not_free_weights():
+    """Audit #14: 8 independent per-exit weights had no increasing/declining structure; the default space
+    draws a pattern and its strength, which map to a schedule with the paper's shape."""
+    params = parse_params({})
+    space = search_space(params.tune, num_exits=4)
+    assert not [k for k in space if k.startswith(("priority_start_", "priority_end_"))]
+    assert {"priority_pattern", "priority_strength"} <= set(space)
+    overrides = overrides_from({"priority_pattern": "deep_first", "priority_strength": 0.6}, params.train)
+    assert overrides == {"train.priority.pattern": "deep_first", "train.priority.strength": 0.6}
+    cfg = apply_overrides_to(params.train, overrides)
+    from dynadapter.train.losses import PrioritySchedule
+
+    sched = PrioritySchedule.from_config(cfg.priority, 4)
+    assert sched.weights(0.0) == pytest.approx([0.4, 0.8, 1.2, 1.6])  # deep exits lead early ...
+    assert sched.weights(1.0) == pytest.approx([1.6, 1.2, 0.8, 0.4])  # ... and hand over to shallow ones
 
 
 @pytest.mark.parametrize(

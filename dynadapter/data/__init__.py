@@ -17,11 +17,9 @@ from dynadapter.data.store import (
 )
 from dynadapter.data.synthetic import (
     TASKS,
-    UPSTREAM_TASK,
     GeneratedTask,
     generate_suite,
     generate_task,
-    generate_upstream,
 )
 from dynadapter.data.vtab import (
     VTAB_NUM_CLASSES,
@@ -47,7 +45,6 @@ def __getattr__(name: str):
 __all__ = [
     "SPLITS",
     "TASKS",
-    "UPSTREAM_TASK",
     "VTAB_NUM_CLASSES",
     "BadLine",
     "DataError",
@@ -60,7 +57,6 @@ __all__ = [
     "find_task_folder",
     "generate_suite",
     "generate_task",
-    "generate_upstream",
     "import_vtab",
     "list_tasks",
     "load_split_tensors",

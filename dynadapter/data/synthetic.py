@@ -1,4 +1,4 @@
-"""Embedded offline data: a seeded procedural upstream set (pretraining stand-in) and a VTAB-1k-style suite.
+"""Embedded offline data: a seeded VTAB-1k-style downstream suite (the pretraining scenes are in upstream.py).
 
 Every image comes from a numpy Generator seeded by (seed, task, split, chunk), drawn with PIL and PNG-encoded with
 fixed settings, so the same seed gives byte-identical data. Each example carries a difficulty in [0, 1] that
@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from dynadapter.config import EmbeddedDataConfig
 from dynadapter.data.store import SPLITS, DataError, write_task
 
-UPSTREAM_TASK = "upstream"
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges at any image size
 PNG_SETTINGS = {"format": "PNG", "compress_level": 6, "optimize": False}
 
@@ -224,8 +223,6 @@ POSITION_GRID = 3
 ORIENTATION_BINS = 8
 SIZE_BINS = 5
 SIZE_RANGE = (0.08, 0.44)  # object radius as a fraction of the image side
-UPSTREAM_SHAPES = tuple(SHAPES)  # 10 shapes x {solid, outline} = 20 classes
-UPSTREAM_FILLS = ("solid", "outline")
 DISTRACTOR_SHAPES = ("circle", "square", "triangle", "bar", "semicircle")
 
 
@@ -283,22 +280,6 @@ def render_size(rng: np.random.Generator, label: int, d: float, s: int) -> np.nd
     cx, cy = (rng.uniform(min(r, s / 2), max(s - r, s / 2)) for _ in range(2))
     sc.specks(int(round(d * 6)), max_r=0.05 * s)
     sc.shape(str(rng.choice(["circle", "square", "triangle"])), cx, cy, r, rng.uniform(0, 360))
-    return sc.finish()
-
-
-def render_upstream(rng: np.random.Generator, label: int, d: float, s: int) -> np.ndarray:
-    """Main object's shape x fill (solid/outline); random pose, colour, clutter and noise."""
-    kind = UPSTREAM_SHAPES[label // len(UPSTREAM_FILLS)]
-    fill = UPSTREAM_FILLS[label % len(UPSTREAM_FILLS)]
-    sc = Scene(rng, s, d)
-    r = s * rng.uniform(0.2, 0.42) * _lerp(1.0, 0.8, d)
-    cx, cy = rng.uniform(0.75 * r, s - 0.75 * r, size=2)
-    n_clutter = int(d * 3 + rng.random() * 0.5)
-    for px, py in _place(rng, n_clutter, 0.25 * r, s, min_dist=1.3 * r, fixed=[(cx, cy)]):
-        sc.shape(str(rng.choice(UPSTREAM_SHAPES)), px, py, r * rng.uniform(0.2, 0.35), rng.uniform(0, 360))
-    outline = max(1.0, 0.2 * r) if fill == "outline" else 0.0
-    sc.shape(kind, cx, cy, r, rng.uniform(0, 360), outline=outline)
-    sc.specks(int(round(d * 4)), max_r=0.06 * s)
     return sc.finish()
 
 
@@ -402,15 +383,17 @@ def _render_digit(rng: np.random.Generator, index: int, d: float, s: int) -> np.
     """Digit `index` of load_digits, upscaled, rotated, recoloured; hard: small, tilted, low contrast, noisy."""
     digit = _digits()[0][index]
     sc = Scene(rng, s, d)
-    side = max(8, min(s, int(round(s * _lerp(0.95, 0.6, d) * rng.uniform(0.9, 1.05)))))
+    # An 8x8 glyph carries little detail: it keeps at least 70% of the side, a contrast of 0.3 and mild noise,
+    # so that the hardest digits stay legible (harsher settings left even a full-depth model near chance).
+    side = max(8, min(s, int(round(s * _lerp(0.95, 0.7, d) * rng.uniform(0.95, 1.05)))))
     glyph = Image.fromarray((np.clip(digit / 16.0, 0, 1) * 255).astype(np.uint8), mode="L")
     glyph = glyph.resize((side, side), Image.Resampling.BICUBIC)
-    glyph = glyph.rotate(rng.uniform(-1, 1) * _lerp(5, 25, d), resample=Image.Resampling.BILINEAR)
+    glyph = glyph.rotate(rng.uniform(-1, 1) * _lerp(3, 15, d), resample=Image.Resampling.BILINEAR)
     canvas = Image.new("L", (s, s), 0)
     canvas.paste(glyph, (int(rng.integers(0, s - side + 1)), int(rng.integers(0, s - side + 1))))
-    sc.specks(int(round(d * 4)), max_r=0.04 * s)
-    sc.paint(np.asarray(canvas, dtype=np.float32) / 255.0, sc.object_color())
-    return sc.finish()
+    sc.specks(int(round(d * 2)), max_r=0.04 * s)
+    sc.paint(np.asarray(canvas, dtype=np.float32) / 255.0, sc.object_color(max(sc.contrast, 0.3)))
+    return sc.finish(noise=_lerp(0.01, 0.06, d))
 
 
 class DigitsTask:
@@ -464,11 +447,6 @@ TASKS: dict[str, ProceduralTask | DigitsTask] = {
 }
 """Downstream suite: task name -> generator. Adding a task is one entry here."""
 
-UPSTREAM = ProceduralTask(
-    tuple(f"{k}-{f}" for k in UPSTREAM_SHAPES for f in UPSTREAM_FILLS), render_upstream,
-    "shape x fill of the main object under random pose, colour, clutter and noise (pretraining stand-in)")
-
-
 def generate_task(name: str, cfg: EmbeddedDataConfig, seed: int, progress: bool = True,
                   workers: int | None = None) -> GeneratedTask:
     """One downstream task from TASKS, split sizes from cfg."""
@@ -486,10 +464,3 @@ def generate_suite(cfg: EmbeddedDataConfig, seed: int, tasks: Sequence[str] | No
     if unknown:
         raise DataError(f"unknown embedded task(s) {unknown}; known: {sorted(TASKS)}")
     return {name: generate_task(name, cfg, seed, progress, workers) for name in names}
-
-
-def generate_upstream(cfg: EmbeddedDataConfig, seed: int, progress: bool = True,
-                      workers: int | None = None) -> GeneratedTask:
-    """The upstream pretraining set: task 'upstream', splits train/val (no test), 20 classes."""
-    sizes = {"train": cfg.upstream_train, "val": cfg.upstream_val}
-    return UPSTREAM.generate(UPSTREAM_TASK, sizes, seed, cfg.image_size, progress, workers)

@@ -1,12 +1,15 @@
 """Inference: exact per-stage MACs, validation-only threshold calibration, Pareto frontier, throughput."""
 
 from dynadapter.inference.calibrate import (
+    MODES,
+    NEVER,
     Calibration,
     CurvePoint,
     Evaluation,
     Simulation,
     calibrate,
     collect_exit_logits,
+    compare_modes,
     evaluate_thresholds,
     simulate,
     sweep,
@@ -30,7 +33,10 @@ from dynadapter.inference.runtime import (
 )
 
 __all__ = [
+    "MODES",
+    "NEVER",
     "Calibration",
+    "compare_modes",
     "CurvePoint",
     "Evaluation",
     "Simulation",

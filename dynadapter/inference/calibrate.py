@@ -1,8 +1,18 @@
 """Exit-threshold calibration under a MACs budget, on the validation split only; test is evaluated apart.
 
 Per-exit logits are computed once (`collect_exit_logits`); every threshold setting is then simulated
-without touching the model (`simulate`), with the same exit rule as `DynAdapterViT.forward_dynamic`.
+without touching the model (`simulate`), with the same exit rule and the same costs as
+`DynAdapterViT.forward_dynamic` (an early head whose threshold is above 1 is skipped and costs nothing).
 Budgets are fractions of `StageCosts.full_depth_baseline()`: the static model (all blocks, last head only).
+
+Two modes:
+- `path` (default): one threshold shared by every early exit, the largest the budget affords. Raising it only
+  moves samples to later exits, so cost grows with it, and a larger budget never sends a sample to an earlier
+  exit: accuracy follows the budget instead of the noise of 200 validation images. Budget 1.0 sends every
+  sample to the last exit at exactly the full-depth cost.
+- `search`: per-exit thresholds maximising validation accuracy within the budget (shared-threshold grid plus
+  coordinate ascent). It fits the validation set harder; `compare_modes` measures whether that pays on
+  held-out validation halves.
 """
 
 from __future__ import annotations
@@ -17,9 +27,11 @@ from torch import nn
 
 from dynadapter.inference.flops import StageCosts
 from dynadapter.models import confidence_score
+from dynadapter.models.dyn_vit import MAX_CONFIDENCE
 
-NEVER = 2.0  # a threshold above any confidence in [0, 1]: nobody leaves at that exit
+NEVER = 2.0  # a threshold above any confidence in [0, 1]: nobody leaves at that exit, and its head is skipped
 ALWAYS = 0.0  # everybody leaves; also stored for the last exit, whose threshold is never read
+MODES = ("path", "search")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -85,8 +97,15 @@ class Simulation(NamedTuple):
 class _Prepared:
     conf: np.ndarray  # [S, N] float32 confidence of each exit
     correct: np.ndarray  # [S, N] bool, exit s predicts sample n right
-    cum: np.ndarray  # [S] float64 MACs of leaving at exit s
+    stage_cum: np.ndarray  # [S] float64 MACs of embed + stages 0..s (no heads)
+    heads: np.ndarray  # [S] float64 MACs of each exit head
     device: torch.device
+
+    def cost_table(self, thresholds: np.ndarray) -> np.ndarray:
+        """[K, S] -> [K, S]: MACs of leaving at exit s under each setting (skipped heads cost nothing)."""
+        runs = np.ones(thresholds.shape, dtype=bool)
+        runs[:, :-1] = thresholds[:, :-1] <= MAX_CONFIDENCE
+        return self.stage_cum[None, :] + np.cumsum(self.heads[None, :] * runs, axis=1)
 
     @property
     def num_exits(self) -> int:
@@ -114,7 +133,8 @@ def _prepare(exit_logits: torch.Tensor, labels: torch.Tensor, costs: StageCosts,
     return _Prepared(
         conf.float().cpu().numpy(),
         correct.cpu().numpy(),
-        np.asarray(costs.cumulative(), dtype=np.float64),
+        costs.embed + np.cumsum(np.asarray(costs.stages, dtype=np.float64)),
+        np.asarray(costs.heads, dtype=np.float64),
         exit_logits.device,
     )
 
@@ -132,7 +152,7 @@ def _evaluate(p: _Prepared, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndar
     """Many settings at once: thresholds [K, S] -> correct counts [K] (int), mean MACs [K], exit index [K, N]."""
     idx = _exit_of(p.conf, thresholds.astype(np.float32))
     counts = p.correct[idx, np.arange(p.num_samples)].sum(axis=1)
-    macs = p.cum[idx].mean(axis=1)
+    macs = np.take_along_axis(p.cost_table(thresholds), idx, axis=1).mean(axis=1)
     return counts, macs, idx
 
 
@@ -234,16 +254,20 @@ def _best_at_exit(p: _Prepared, current: np.ndarray, s: int, limit: float) -> tu
     passed[s] = NEVER
     after = _exit_of(p.conf, passed[None])[0]  # exit of each sample if nobody leaves at s
     reach = after >= s
+    on = passed.copy()
+    on[s] = ALWAYS
+    cum_on, cum_off = p.cost_table(np.stack([on, passed]))  # head s runs / is skipped (nobody leaves at s)
     fixed_count = int(p.correct[after, cols][~reach].sum())
-    fixed_cost = float(p.cum[after][~reach].sum())
+    fixed_cost = float(cum_on[after][~reach].sum())  # exits before s: the same either way
     order = np.argsort(-p.conf[s][reach], kind="stable")
     c_sorted = p.conf[s][reach][order]
     down_correct = p.correct[after[reach], cols[reach]][order].astype(np.int64)
-    down_cost = p.cum[after[reach]][order]
+    down_cost = cum_on[after[reach]][order]
     gain_correct = np.concatenate([[0], np.cumsum(p.correct[s][reach][order].astype(np.int64) - down_correct)])
-    gain_cost = np.concatenate([[0.0], np.cumsum(p.cum[s] - down_cost)])
+    gain_cost = np.concatenate([[0.0], np.cumsum(cum_on[s] - down_cost)])
     counts = fixed_count + int(down_correct.sum()) + gain_correct  # [R+1]: the top-j samples leave at s
     macs = (fixed_cost + float(down_cost.sum()) + gain_cost) / n
+    macs[0] = (fixed_cost + float(cum_off[after[reach]].sum())) / n  # nobody leaves at s: its head is skipped
     r = c_sorted.size
     valid = np.ones(r + 1, dtype=bool)  # a cut must not split equal confidences
     if r > 1:
@@ -300,13 +324,41 @@ def _candidates(p: _Prepared, base: int, num_candidates: int, passes: int) -> np
     grid[:, -1] = ALWAYS
     counts, macs, _ = _evaluate(p, grid)
     found = [grid]
-    for k in range(1, int(np.ceil(max(p.cum[-1], base) / base * LADDER_STEPS)) + 1):
+    top = float(p.cost_table(np.full((1, s_count), ALWAYS, dtype=np.float32))[0, -1])  # every head runs
+    for k in range(1, int(np.ceil(max(top, base) / base * LADDER_STEPS)) + 1):
         limit = (k / LADDER_STEPS) * base  # k / 100, not k * 0.01: budgets like 0.35 land exactly on a step
         j = _best(counts, macs, limit)
         if j is None:  # even leaving everyone at exit 0 is over this limit
             continue
         found.append(_ascend(p, grid[j], limit, passes)[0][None])
     return np.unique(np.concatenate(found).astype(np.float32), axis=0)
+
+
+def _path_grid(p: _Prepared) -> np.ndarray:
+    """The shared-threshold path [K, S], thresholds increasing: every cut between observed early-exit
+    confidences, from "everybody leaves at exit 0" to NEVER ("everybody to the last exit", early heads
+    skipped). Along it each sample's exit only moves later, so the cost grows (until NEVER, which costs
+    exactly the full-depth baseline)."""
+    if p.num_exits == 1:
+        return np.full((1, 1), ALWAYS, dtype=np.float32)
+    cuts = _cuts(p.conf[:-1])
+    grid = np.repeat(cuts[:, None], p.num_exits, axis=1)
+    grid[:, -1] = ALWAYS
+    return grid
+
+
+def _mode_candidates(p: _Prepared, base: int, mode: str, num_candidates: int, passes: int) -> np.ndarray:
+    if mode not in MODES:
+        raise ValueError(f"calibration mode must be one of {MODES}, got {mode!r}")
+    return _path_grid(p) if mode == "path" else _candidates(p, base, num_candidates, passes)
+
+
+def _choose(counts: np.ndarray, macs: np.ndarray, limit: float, mode: str) -> int | None:
+    """path: the last (largest-threshold) candidate within the limit; search: `_best`."""
+    if mode == "path":
+        ok = np.flatnonzero(macs <= limit)
+        return int(ok[-1]) if ok.size else None
+    return _best(counts, macs, limit)
 
 
 def calibrate(
@@ -316,15 +368,20 @@ def calibrate(
     costs: StageCosts,
     budget_fraction: float = 0.5,
     confidence: str = "max_softmax",
+    mode: str = "path",
     num_candidates: int = 64,
     passes: int = 4,
 ) -> Calibration:
-    """Per-exit thresholds maximising VALIDATION accuracy with mean MACs <= budget x full-depth MACs.
+    """Thresholds for mean MACs <= budget x full-depth MACs, chosen on VALIDATION data.
 
     Validation data only: `val_logits` [S, N, C] and `val_labels` [N] must come from the validation split,
     never from test (keyword-only, so every call site names the split it passes). Report test results with
     `evaluate_thresholds` afterwards. The reference is `costs.full_depth_baseline()` (the static model:
-    all blocks, last head only). Search: the best of `num_candidates` thresholds shared by all early exits,
+    all blocks, last head only).
+
+    mode "path" (default): the largest threshold shared by every early exit whose validation cost fits the
+    budget (see the module docstring). mode "search": per-exit thresholds maximising validation accuracy:
+    the best of `num_candidates` thresholds shared by all early exits,
     refined by up to `passes` rounds of coordinate ascent (each exit's threshold set to its exact best given
     the others) at limits of every 1% of full depth; the most accurate of these settings within the budget
     wins (ties: the cheapest). The candidates do not depend on the budget, so a larger budget never gives a
@@ -333,14 +390,15 @@ def calibrate(
     """
     p = _prepare(val_logits, val_labels, costs, confidence)
     base = costs.full_depth_baseline()
-    return _calibrate(p, base, budget_fraction, _candidates(p, base, num_candidates, passes))
+    return _calibrate(p, base, budget_fraction, _mode_candidates(p, base, mode, num_candidates, passes), mode)
 
 
-def _calibrate(p: _Prepared, base: int, budget_fraction: float, candidates: np.ndarray) -> Calibration:
+def _calibrate(p: _Prepared, base: int, budget_fraction: float, candidates: np.ndarray,
+               mode: str = "search") -> Calibration:
     if not budget_fraction > 0:
         raise ValueError(f"budget_fraction must be > 0, got {budget_fraction}")
     counts, macs, _ = _evaluate(p, candidates)
-    k = _best(counts, macs, budget_fraction * base)
+    k = _choose(counts, macs, budget_fraction * base, mode)
     feasible = k is not None
     th = candidates[k] if feasible else np.full(p.num_exits, ALWAYS, dtype=np.float32)
     counts, macs, _ = _evaluate(p, th[None])
@@ -362,10 +420,11 @@ def sweep(
     budgets: Sequence[float] | None = None,
     confidence: str = "max_softmax",
     shared_points: int = 32,
+    mode: str = "path",
     num_candidates: int = 64,
     passes: int = 4,
 ) -> list[CurvePoint]:
-    """The validation accuracy-MACs curve: `calibrate` at each budget plus a shared-threshold sweep.
+    """The validation accuracy-MACs curve: `calibrate` (in `mode`) at each budget plus a shared-threshold sweep.
 
     Validation data only (see `calibrate`). Points are sorted by MACs, duplicates removed; feed them to
     `pareto_front` for the frontier. Default budgets: 0.05, 0.10, ..., 1.00 of full depth; infeasible
@@ -374,10 +433,10 @@ def sweep(
     budgets = [round(0.05 * i, 4) for i in range(1, 21)] if budgets is None else list(budgets)
     p = _prepare(val_logits, val_labels, costs, confidence)
     base = costs.full_depth_baseline()
-    candidates = _candidates(p, base, num_candidates, passes)
+    candidates = _mode_candidates(p, base, mode, num_candidates, passes)
     points: list[CurvePoint] = []
     for b in budgets:
-        cal = _calibrate(p, base, float(b), candidates)
+        cal = _calibrate(p, base, float(b), candidates, mode)
         if cal.feasible:
             points.append(CurvePoint(cal.thresholds, cal.val_accuracy, cal.val_macs, cal.fraction, float(b)))
     if p.num_exits > 1 and shared_points > 0:
@@ -406,3 +465,37 @@ def evaluate_thresholds(
     sim = simulate(test_logits, test_labels, thresholds, costs, confidence)
     shares = torch.bincount(sim.exit_index.cpu(), minlength=costs.num_exits).double() / sim.exit_index.numel()
     return Evaluation(sim.accuracy, sim.mean_macs, sim.mean_macs / costs.full_depth_baseline(), shares.tolist())
+
+
+def compare_modes(
+    *,
+    val_logits: torch.Tensor,
+    val_labels: torch.Tensor,
+    costs: StageCosts,
+    budget_fraction: float = 0.5,
+    confidence: str = "max_softmax",
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Each calibration mode judged fairly on validation data alone: split val in random halves, calibrate on
+    one half, score the other (both ways, `repeats` random splits). Returns {mode: {"accuracy", "fraction"}},
+    the means over the 2 x repeats held-out halves, so "does `search` win?" is answered without test."""
+    p = _prepare(val_logits, val_labels, costs, confidence)
+    n = p.num_samples
+    if n < 4:
+        raise ValueError(f"compare_modes needs at least 4 validation samples, got {n}")
+    base = costs.full_depth_baseline()
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    for _ in range(repeats):
+        perm = rng.permutation(n)
+        halves = (perm[: n // 2], perm[n // 2 :])
+        for fit_idx, held_idx in (halves, halves[::-1]):
+            fit_p = _Prepared(p.conf[:, fit_idx], p.correct[:, fit_idx], p.stage_cum, p.heads, p.device)
+            held_p = _Prepared(p.conf[:, held_idx], p.correct[:, held_idx], p.stage_cum, p.heads, p.device)
+            for mode in MODES:
+                cal = _calibrate(fit_p, base, budget_fraction, _mode_candidates(fit_p, base, mode, 64, 4), mode)
+                counts, macs, _ = _evaluate(held_p, np.asarray([cal.thresholds], dtype=np.float32))
+                scores[mode].append((int(counts[0]) / held_p.num_samples, float(macs[0]) / base))
+    return {m: {"accuracy": float(np.mean([a for a, _ in v])), "fraction": float(np.mean([f for _, f in v]))}
+            for m, v in scores.items()}

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dynadapter.models.dyn_vit import MAX_CONFIDENCE
+
 
 @contextlib.contextmanager
 def unfused_attention(model: nn.Module) -> Iterator[None]:
@@ -40,6 +42,17 @@ def count_macs(fn: Callable[..., object], *args, **kwargs) -> int:
     return int(counter.get_total_flops()) // 2
 
 
+def head_runs(thresholds: Sequence[float] | torch.Tensor | None, num_exits: int) -> list[bool]:
+    """Which exit heads run at inference: the last always; an early one only if its threshold can be met
+    (<= 1). None: all of them."""
+    if thresholds is None:
+        return [True] * num_exits
+    th = [float(t) for t in (thresholds.tolist() if isinstance(thresholds, torch.Tensor) else thresholds)]
+    if len(th) != num_exits:
+        raise ValueError(f"need {num_exits} thresholds (one per exit), got {len(th)}")
+    return [t <= MAX_CONFIDENCE for t in th[:-1]] + [True]
+
+
 @dataclass
 class StageCosts:
     """Per-image inference cost of each piece of a multi-exit model, all in MACs.
@@ -61,11 +74,17 @@ class StageCosts:
     def num_exits(self) -> int:
         return len(self.stages)
 
-    def cumulative(self) -> list[int]:
-        """MACs of a sample that leaves at exit s: embed + stages 0..s + heads 0..s (earlier heads ran too)."""
+    def cumulative(self, thresholds: Sequence[float] | torch.Tensor | None = None) -> list[int]:
+        """MACs of a sample that leaves at exit s: embed + stages 0..s + the heads 0..s that ran.
+
+        Without `thresholds` every head runs. With them, an early head whose threshold no confidence can reach
+        (> 1) is skipped, as `forward_dynamic` skips it: so "everyone to the last exit" costs exactly
+        `full_depth_baseline()`.
+        """
+        active = head_runs(thresholds, self.num_exits)
         out, total = [], self.embed
-        for stage, head in zip(self.stages, self.heads):
-            total += stage + head
+        for stage, head, runs in zip(self.stages, self.heads, active):
+            total += stage + (head if runs else 0)
             out.append(total)
         return out
 
@@ -134,12 +153,14 @@ def measure_stage_costs(model: nn.Module, x: torch.Tensor | None = None) -> Stag
     return StageCosts(embed=embed, stages=stages, heads=heads, exits=list(model.exits))
 
 
-def dynamic_macs(costs: StageCosts, exit_index: torch.Tensor | Sequence[int]) -> float:
-    """Mean MACs per sample actually executed when sample i leaves at exit `exit_index[i]` (0-based)."""
+def dynamic_macs(costs: StageCosts, exit_index: torch.Tensor | Sequence[int],
+                 thresholds: Sequence[float] | torch.Tensor | None = None) -> float:
+    """Mean MACs per sample actually executed when sample i leaves at exit `exit_index[i]` (0-based);
+    `thresholds` (optional) tell which early heads were skipped (see `StageCosts.cumulative`)."""
     idx = torch.as_tensor(exit_index, dtype=torch.long)
     if idx.numel() == 0:
         raise ValueError("dynamic_macs needs at least one sample")
-    cum = torch.tensor(costs.cumulative(), dtype=torch.float64, device=idx.device)
+    cum = torch.tensor(costs.cumulative(thresholds), dtype=torch.float64, device=idx.device)
     return float(cum[idx].mean())
 
 

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from timm.data import resolve_data_config
 
 from dynadapter.config import BackboneConfig
+from dynadapter.models import convstem  # noqa: F401 - registers vit_convstem with timm
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".npz", ".safetensors")
 

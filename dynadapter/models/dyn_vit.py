@@ -34,6 +34,9 @@ def confidence_score(logits: torch.Tensor, kind: str = "max_softmax") -> torch.T
     raise ValueError(f"confidence must be 'max_softmax' or 'entropy', got {kind!r}")
 
 
+MAX_CONFIDENCE = 1.0  # confidence_score lies in [0, 1]: a threshold above it is never met
+
+
 class DynAdapterViT(nn.Module):
     def __init__(self, backbone: nn.Module, exits: list[int], heads: nn.ModuleList, confidence: str = "max_softmax"):
         super().__init__()
@@ -89,25 +92,38 @@ class DynAdapterViT(nn.Module):
     def forward_dynamic(self, x: torch.Tensor, thresholds: torch.Tensor | list[float] | None = None) -> DynamicOutput:
         """Each sample leaves at the first exit whose confidence >= its threshold (the last exit takes the rest).
 
-        Only the samples still in flight are computed at each stage, so skipped work is really skipped.
+        Only the samples still in flight are computed at each stage, so skipped work is really skipped; an
+        early head whose threshold is above 1 (no confidence can reach it) is not run at all. Runs in eval
+        mode (dropout off) whatever the caller's mode, which is restored afterwards.
         """
         th = self.thresholds if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)
         if th.numel() != len(self.exits):
             raise ValueError(f"need {len(self.exits)} thresholds (one per exit), got {th.numel()}")
+        was_training = self.training
+        self.eval()
+        try:
+            return self._forward_dynamic(x, th.tolist())
+        finally:
+            self.train(was_training)
+
+    def _forward_dynamic(self, x: torch.Tensor, th: list[float]) -> DynamicOutput:
         n = x.shape[0]
         out_logits = None
         exit_index = torch.full((n,), len(self.exits) - 1, dtype=torch.long, device=x.device)
         alive = torch.arange(n, device=x.device)
         tokens = self.embed(x)
+        last = len(self.exits) - 1
         for s in range(len(self.exits)):
             tokens = self.run_stage(tokens, s)
+            if s < last and th[s] > MAX_CONFIDENCE:  # nobody can leave here: don't pay for the head
+                continue
             logits = self.exit_logits(tokens, s)
             if out_logits is None:
                 out_logits = logits.new_zeros((n, logits.shape[-1]))
-            if s == len(self.exits) - 1:
+            if s == last:
                 out_logits[alive] = logits
                 break
-            leave = confidence_score(logits, self.confidence) >= float(th[s])
+            leave = confidence_score(logits, self.confidence) >= th[s]
             if leave.any():
                 out_logits[alive[leave]] = logits[leave]
                 exit_index[alive[leave]] = s

@@ -25,6 +25,32 @@ def resolve_exits(cfg: ModelConfig, depth: int) -> list[int]:
     return sorted({max(1, round(depth * i / 4)) for i in range(1, 5)})
 
 
+def reference_exits(cfg: ModelConfig, depth: int) -> list[int]:
+    """The exit layout that sets forward-sparsity rates: Dyn-Adapter's (the configured exits when there are
+    several, else every depth/4 blocks), whatever this model's own exits are.
+
+    So every variant trained with the same sparsity settings gets the same dropout at the same depth: the
+    full-depth baseline (one head after the last block) gets Dyn-Adapter's per-block rates and its last
+    head's rate, and a static truncation after block k gets the rates Dyn-Adapter has up to block k.
+    """
+    if cfg.exits is not None and len(cfg.exits) > 1:
+        return list(cfg.exits)
+    return resolve_exits(cfg.model_copy(update={"exits": None, "early_exit": True}), depth)
+
+
+def depth_dropout(sparsity: SparsityConfig | None, reference: list[int], depth: int,
+                  exits: list[int]) -> tuple[list[float], list[float]]:
+    """Per-block and per-head dropout rates: block b (1-based) and a head after block b get the rate of the
+    reference stage holding block b (`stage_dropout` over `reference`); blocks past the reference's last
+    exit get its last rate."""
+    rates = stage_dropout(sparsity, len(reference))
+
+    def rate_at(block: int) -> float:
+        return next((rates[s] for s, end in enumerate(reference) if block <= end), rates[-1])
+
+    return [rate_at(b) for b in range(1, depth + 1)], [rate_at(e) for e in exits]
+
+
 def stage_dropout(sparsity: SparsityConfig | None, num_stages: int) -> list[float]:
     """Forward sparsity: dropout falls linearly from p_max at the first stage to p_min at the last."""
     if sparsity is None or not sparsity.forward:
@@ -57,11 +83,7 @@ def build_model(
     vit = backbone if backbone is not None else create_backbone(backbone_cfg, checkpoint)
     depth = len(vit.blocks)
     exits = resolve_exits(model_cfg, depth)
-    rates = stage_dropout(sparsity, len(exits))
-    block_rates = []
-    for s, (start, end) in enumerate(zip([0] + exits[:-1], exits)):
-        block_rates += [rates[s]] * (end - start)
-    block_rates += [rates[-1]] * (depth - len(block_rates))  # blocks after a truncated last exit are never run
+    block_rates, head_rates = depth_dropout(sparsity, reference_exits(model_cfg, depth), depth, exits)
 
     if model_cfg.petl.method != "full_finetune":
         freeze(vit)
@@ -69,7 +91,7 @@ def build_model(
     if petl is not None:
         petl.inject(vit, block_rates)
     widths = head_widths(model_cfg, len(exits), vit.embed_dim, num_classes)
-    heads = nn.ModuleList(ExitHead(vit.embed_dim, num_classes, h, rates[s]) for s, h in enumerate(widths))
+    heads = nn.ModuleList(ExitHead(vit.embed_dim, num_classes, h, head_rates[s]) for s, h in enumerate(widths))
     model = DynAdapterViT(vit, exits, heads, model_cfg.confidence)
     model.petl = petl  # plain attribute (not a module): used for merge / counting
     return model

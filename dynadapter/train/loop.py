@@ -520,12 +520,15 @@ def _load_for_resume(path: Path, run_id: dict, fingerprint: float) -> dict:
 
 
 def _priority_schedule(model: nn.Module, cfg: OptimConfig) -> PrioritySchedule | None:
-    """The configured schedule, checked against the model's exits; None (all weights 1) when none is set."""
+    """The configured schedule, checked against the model's exits; None (all weights 1) when there is none:
+    a plain OptimConfig, a flat pattern without explicit weights, or a single-exit model without them."""
     prio = getattr(cfg, "priority", None)
-    given = prio.start or prio.end if prio is not None else None
-    if not given:
+    if prio is None:
         return None
-    num_exits = len(model.exits) if hasattr(model, "exits") else len(given)
+    given = prio.start or prio.end
+    num_exits = len(model.exits) if hasattr(model, "exits") else len(given or [None])
+    if not given and (prio.pattern == "flat" or num_exits == 1):
+        return None
     return PrioritySchedule.from_config(prio, num_exits)
 
 

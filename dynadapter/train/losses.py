@@ -50,7 +50,11 @@ class PrioritySchedule:
 
     @classmethod
     def from_config(cls, cfg: PriorityConfig, num_exits: int) -> PrioritySchedule:
-        return cls(num_exits, cfg.start, cfg.end, cfg.shape)
+        """Explicit start/end weights when given, else the weights of `cfg.pattern` (see `pattern_weights`)."""
+        if cfg.start is not None or cfg.end is not None:
+            return cls(num_exits, cfg.start, cfg.end, cfg.shape)
+        start, end = pattern_weights(cfg.pattern, cfg.strength, num_exits)
+        return cls(num_exits, start, end, cfg.shape)
 
     def progress(self, t: float) -> float:
         """Fraction of the way from start to end at progress t (t clamped to [0, 1])."""
@@ -69,6 +73,26 @@ class PrioritySchedule:
 
     def __repr__(self) -> str:
         return f"PrioritySchedule(num_exits={self.num_exits}, start={self.start}, end={self.end}, shape={self.shape!r})"
+
+
+def pattern_weights(pattern: str, strength: float, num_exits: int) -> tuple[list[float], list[float]]:
+    """(start, end) per-exit loss weights of a prioritization pattern.
+
+    With u_s = s / (S - 1) the exit's relative depth, shallow_first gives start 1 + ρ(1 - 2u_s) and end
+    1 - ρ(1 - 2u_s): shallow exits lead early in training and hand over to deep ones, whose weights rise
+    (the paper's heads that "progressively increase / gradually decline"). The idea is curriculum-like: the
+    shallow exits fit the easy samples while the frozen features are all they have, then the deep exits take
+    the hard ones. deep_first is the mirror image; flat gives 1 everywhere. The mean weight is 1 at every
+    step, so the pattern moves emphasis between exits without changing the overall learning rate. One exit
+    (a full-depth baseline) always weighs 1.
+    """
+    if pattern not in ("flat", "shallow_first", "deep_first"):
+        raise ValueError(f"train.priority.pattern must be flat, shallow_first or deep_first, got {pattern!r}")
+    if num_exits == 1 or pattern == "flat":
+        return [1.0] * num_exits, [1.0] * num_exits
+    tilt = [strength * (1 - 2 * s / (num_exits - 1)) for s in range(num_exits)]
+    start, end = [1 + t for t in tilt], [1 - t for t in tilt]
+    return (start, end) if pattern == "shallow_first" else (end, start)
 
 
 def as_logits_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -176,6 +176,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # imports DeepSpeed in a fresh process
 def test_standalone_deepspeed_process_group_opens_no_port_beyond_loopback():
     """`fit(strategy=deepspeed_strategy(...))` outside Ray Train starts a one-rank torch.distributed group. Before,
     it met through env:// on MASTER_ADDR=127.0.0.1, and torch's TCPStore listened on all interfaces (::) anyway;

@@ -8,6 +8,7 @@ Ray is imported lazily, so importing this module has no Ray side effects.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -41,6 +42,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict
     serves: when Tune stops a trial (ASHA, or the last epoch reached), the trial's Train controller dies with
     it, and only Train's PlacementGroupCleaner, polling the State API, frees the workers' placement group.
     Without it every finished trial keeps its workers' CPUs and the next trial waits forever (measured).
+
+    Every server of the local Ray (GCS, raylet, object manager, dashboard and its agent, runtime-env agent,
+    metrics, workers) listens on loopback only (`_loopback_node`); Ray's token authentication, which Ray turns on
+    by default for a new local instance, stays as Ray sets it (docs/security.md).
     """
     import ray
 
@@ -54,9 +59,32 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict
             from dynadapter.train.deepspeed import free_port
 
             # "local": a new instance; with address=None Ray would join any `ray start` head on this machine
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
-                     dashboard_host="127.0.0.1", dashboard_port=free_port())
+            with _loopback_node():
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
+                         dashboard_host="127.0.0.1", dashboard_port=free_port())
     return dict(ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """Make the local Ray's node IP 127.0.0.1, for the duration of its `ray.init`.
+
+    Ray binds its servers by the node IP: a non-loopback node IP puts the GCS, raylet and worker gRPC servers on
+    all interfaces and the dashboard agent and runtime-env agent on the machine's network address (measured,
+    Ray 2.60). An explicit `_node_ip_address="127.0.0.1"` does not help, Ray resolves it to the machine's
+    reachable address; it keeps loopback only while multi-node clusters are off, which is what its
+    ENABLE_RAY_CLUSTER constant (env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read at import) says. The started
+    processes get the node IP on their command lines, so the switch is needed only in this process, and only
+    while the instance starts: a later `ray.init(address=...)` to a real cluster must see the real address.
+    """
+    from ray._private import ray_constants
+
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 # ------------------------------------------------------------------------------------------ resources

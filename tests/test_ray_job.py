@@ -66,6 +66,10 @@ def _env(token: str) -> dict[str, str]:
         # on only when ~/.ray/auth_token exists. Head, CLI and job all need the same token.
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
+        # a single-machine head on loopback: `ray start` turns --node-ip-address=127.0.0.1 into the machine's
+        # network address (and binds the GCS, raylet and workers on all interfaces) unless multi-node clusters
+        # are off, as they are by default on macOS/Windows (tests/test_security.py checks every bound address)
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         # the head (and so its workers and the job's `python`) runs this venv, as after `source .venv/bin/activate`
         "PATH": str(BINDIR) + os.pathsep + os.environ.get("PATH", ""),
         "VIRTUAL_ENV": str(BINDIR.parent),

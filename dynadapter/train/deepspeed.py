@@ -80,15 +80,18 @@ def free_port() -> int:
 
 def ensure_process_group(backend: str) -> None:
     """DeepSpeed needs torch.distributed. Under Ray Train (or torchrun) it is already initialised; in a plain
-    process, start a one-rank group on a free local port so `fit(strategy=...)` also works stand-alone."""
-    import deepspeed
+    process, start a one-rank group so `fit(strategy=...)` also works stand-alone.
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        return
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    The one-rank group meets through an in-memory store: the env:// rendezvous would start torch's TCPStore,
+    which listens on all interfaces whatever MASTER_ADDR says, with no authentication (measured, torch 2.14).
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 

@@ -115,6 +115,21 @@ def log_metrics(run: RunRef, metrics: Mapping[str, Any], *, step: int = 0, prefi
     return flat
 
 
+BUDGET_CURVE_METRICS = {"val_accuracy": "val_accuracy", "test_accuracy": "test_accuracy",
+                        "test_fraction": "macs_fraction", "val_fraction": "val_macs_fraction"}
+
+
+def log_budget_curve(run: RunRef, rows: Sequence[Mapping[str, Any]], *, prefix: str = "budget_curve/") -> int:
+    """The val-calibrated budget curve as metrics with step = budget in percent: `budget_curve/test_accuracy`,
+    `/val_accuracy`, `/macs_fraction` (test MACs over full depth), `/val_macs_fraction`. MLflow's own charts
+    then draw accuracy against budget (x = step) or against MACs (x = the macs_fraction metric) and overlay
+    runs. `rows`: dicts with `budget` (a fraction) and any of the keys of `BUDGET_CURVE_METRICS`."""
+    items = [(prefix + name, float(row[key]), int(round(float(row["budget"]) * 100)))
+             for row in rows for key, name in BUDGET_CURVE_METRICS.items() if row.get(key) is not None]
+    _log_metric_batch(run, items)
+    return len(items)
+
+
 def log_history(run: RunRef, history: Sequence[Mapping[str, Any]], *, prefix: str = "") -> int:
     """Per-epoch training metrics (train.fit's history) with step = epoch, so MLflow draws curves."""
     from dynadapter.train import flatten_metrics

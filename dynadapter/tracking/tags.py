@@ -13,15 +13,21 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows task
 PIPELINE_ID_ENV = "DYNADAPTER_PIPELINE_ID"
 CHAMPION = "champion"
 
-# version tags written by `promote`; DECISION is written last and marks the decision complete
-V_ACCURACY = "dynadapter.test_accuracy"
-V_MACS = "dynadapter.macs"
+# version tags written by `promote`; DECISION is written last and marks the decision complete. The decision
+# compares val figures at the budget (promotion is a selection: test never decides); test is recorded beside.
+V_VAL_ACCURACY = "dynadapter.val_accuracy"
+V_VAL_MACS = "dynadapter.val_macs"
+V_TEST_ACCURACY = "dynadapter.test_accuracy"
+V_TEST_MACS = "dynadapter.test_macs"
+V_ACCURACY = V_VAL_ACCURACY  # the figures the decision compares
+V_MACS = V_VAL_MACS
 V_BUDGET = "dynadapter.budget"
 V_DECISION = "dynadapter.decision"  # "promoted" | "kept"
 V_REASON = "dynadapter.reason"
 V_PREVIOUS = "dynadapter.previous_champion"
-V_PREVIOUS_ACCURACY = "dynadapter.previous_champion_test_accuracy"
-V_PREVIOUS_MACS = "dynadapter.previous_champion_macs"
+V_PREVIOUS_ACCURACY = "dynadapter.previous_champion_val_accuracy"
+V_PREVIOUS_MACS = "dynadapter.previous_champion_val_macs"
+V_PREVIOUS_TEST_ACCURACY = "dynadapter.previous_champion_test_accuracy"
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 BATCH_LIMIT = 1000  # MLflow's limit on metrics per log_batch call

@@ -343,6 +343,10 @@ class TuneConfig(Section):
     max_concurrent: int | None = Field(
         None, gt=0, description="Trials run at once; null: as many as the cluster's CPUs/GPUs fit.")
     epochs: int = Field(5, gt=0, description="Training epochs per trial (the most a trial gets under ASHA).")
+    budget: float = Field(
+        0.5, gt=0, le=1, description="FLOPs budget the trials are scored at (val accuracy after calibrating on "
+        "val), a fraction of full depth. Its own key, not base.budget: changing the inference budget must not "
+        "retune and retrain; retuning for another budget is a deliberate change of this key.")
     tasks: list[str] | None = Field(
         None, description="Tasks to tune on (a subset of base.tasks); the metric is their mean. null: all.")
     max_failures: int = Field(

@@ -23,7 +23,7 @@ import yaml
 
 from dynadapter.config import DeepSpeedConfig, Params, RayConfig, TrainConfig, TuneConfig
 
-METRIC = "val_budget_acc"  # mean over tune tasks of val accuracy at base.budget, thresholds calibrated on val
+METRIC = "val_budget_acc"  # mean over tune tasks of val accuracy at tune.budget, thresholds calibrated on val
 STOPPED = "stopped"  # in a trial's last result: why it stopped without finishing (its loss went non-finite)
 MODE = "max"
 TRAINABLE_CPU = 0.01  # the trial's driver function only waits on its TorchTrainer (Ray rejects 0)
@@ -557,7 +557,7 @@ def run_tune(
         model=params.base.model.model_dump(mode="json"),
         train=params.train.model_copy(update={"epochs": cfg.epochs}).model_dump(mode="json"),
         deepspeed=cfg.deepspeed.model_dump(mode="json"),
-        budget=params.base.budget,
+        budget=cfg.budget,
         seed=params.base.seed,
         tasks=tasks,
     )

@@ -116,12 +116,14 @@ def stage_tracking(params: Params, stage: str, sections: list[str] | None = None
 
     The tracking store is checked first: an unreachable server or unusable database stops the stage before
     any work (exit 3, the URI in the message) instead of failing after training. Stages of one pipeline run
-    share a parent run (`dynadapter.tracking.pipeline_id_for`); the tracking URI is resolved against the
-    project root (the working directory, as under `dvc repro`)."""
+    share a parent run (`dynadapter.tracking.pipeline_id_for`); a relative tracking URI is resolved against the
+    project root: $DVC_ROOT, which DVC sets to the repository even when it runs a queued experiment in a
+    temporary copy (so `dvc exp run --run-all` logs and registers in the project's store, not in a copy that
+    is deleted), else the working directory."""
     from dynadapter.tracking import (TrackingUnavailableError, check_tracking_server, pipeline_id_for,
                                      pipeline_run, resolve_tracking_uri)
 
-    root = Path.cwd()
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
     uri = resolve_tracking_uri(params.base.mlflow.tracking_uri, root)
     try:
         check_tracking_server(uri)

@@ -28,24 +28,34 @@ exit_hist as .csv + .png (rendered locally, viewable offline)."""
 SUITE_BUDGETS = [round(0.05 * i, 2) for i in range(2, 21)]  # 0.10 ... 1.00
 
 
-def suite_curve(per_task: dict, budgets: list[float] = SUITE_BUDGETS) -> list[dict]:
-    """Suite-mean val and test accuracy and test MACs fraction at each budget every task can meet on val
-    (thresholds calibrated on val per task and budget)."""
+CURVE_KEYS = ("val_accuracy", "test_accuracy", "test_fraction", "val_fraction")
+
+
+def task_curve(curve: list[dict], budgets: list[float] = SUITE_BUDGETS) -> dict[float, dict]:
+    """One task's val-calibrated point at each budget it can meet on val (thresholds chosen on val)."""
     from dynadapter.adapt import curve_at_budgets
 
-    at = {task: curve_at_budgets(res["dyn"]["curve"], budgets) for task, res in per_task.items()}
+    return {b: {"budget": b, **{k: p[k] for k in CURVE_KEYS}} for b, p in curve_at_budgets(curve, budgets).items()}
+
+
+def suite_curve(per_task: dict, budgets: list[float] = SUITE_BUDGETS) -> list[dict]:
+    """Suite-mean val and test accuracy and MACs fractions at each budget every task can meet on val
+    (thresholds calibrated on val per task and budget)."""
+    at = {task: task_curve(res["dyn"]["curve"], budgets) for task, res in per_task.items()}
     n = len(per_task)
     rows = []
     for b in budgets:
         pts = [a[b] for a in at.values() if b in a]
         if len(pts) == n:
-            rows.append({
-                "budget": b,
-                "val_accuracy": sum(p["val_accuracy"] for p in pts) / n,
-                "test_accuracy": sum(p["test_accuracy"] for p in pts) / n,
-                "test_fraction": sum(p["test_fraction"] for p in pts) / n,
-            })
+            rows.append({"budget": b, **{k: sum(p[k] for p in pts) / n for k in CURVE_KEYS}})
     return rows
+
+
+def val_pareto(points: list[dict]) -> list[dict]:
+    """The sweep points on the val accuracy-MACs frontier: what a user can choose without test labels."""
+    from dynadapter.inference import pareto_front
+
+    return pareto_front(points, cost=lambda p: p["val_fraction"], accuracy=lambda p: p["val_accuracy"])
 
 
 def render_plots(out: Path, per_task: dict, curve: list[dict], baseline_acc: float) -> None:
@@ -53,8 +63,6 @@ def render_plots(out: Path, per_task: dict, curve: list[dict], baseline_acc: flo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dynadapter.inference import pareto_front
 
     # accuracy vs budget (suite mean) with the full-depth baseline
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -70,21 +78,23 @@ def render_plots(out: Path, per_task: dict, curve: list[dict], baseline_acc: flo
     fig.savefig(out / "budget_curve.png", dpi=120)
     plt.close(fig)
 
-    # Pareto frontier per task: all sweep points and the val-non-dominated ones, at their test figures
+    # Pareto frontier per task, chosen on VAL (points no other sweep point beats on val accuracy at no more
+    # val MACs), drawn at their test figures: a frontier picked on test would be an oracle no user can reach.
     fig, ax = plt.subplots(figsize=(6, 4))
     pareto_rows = []
     for task, res in per_task.items():
         pts = res["dyn"]["curve"]
-        front = pareto_front(pts, cost=lambda p: p["test_fraction"], accuracy=lambda p: p["test_accuracy"])
+        front = sorted(val_pareto(pts), key=lambda p: p["test_fraction"])
         line = ax.plot([p["test_fraction"] for p in front], [p["test_accuracy"] for p in front], "o-",
                        label=task)[0]
         ax.scatter([p["test_fraction"] for p in pts], [p["test_accuracy"] for p in pts], s=6, alpha=0.3,
                    color=line.get_color())
         pareto_rows += [{"task": task, "fraction": p["test_fraction"], "accuracy": p["test_accuracy"],
-                         "macs": p["test_macs"]} for p in front]
-    ax.set_xlabel("MACs / full-depth MACs")
+                         "macs": p["test_macs"], "val_fraction": p["val_fraction"],
+                         "val_accuracy": p["val_accuracy"]} for p in front]
+    ax.set_xlabel("MACs / full-depth MACs (test)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("Pareto frontier (test) of the threshold sweep")
+    ax.set_title("Pareto frontier chosen on val, at test figures")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=120)
@@ -109,21 +119,34 @@ def render_plots(out: Path, per_task: dict, curve: list[dict], baseline_acc: flo
     plt.close(fig)
 
 
-def log_model(run, model, params, ev, task: str) -> dict:
-    """Log the calibrated Dyn-Adapter model of `task` on its MLflow run; what `register` needs to promote it."""
+CARD_BUDGETS = [round(0.1 * i, 1) for i in range(1, 11)]  # the budget curve on the registry's model card
+
+
+def log_model(run, model, params, ev, task: str, exits: list[int]) -> dict:
+    """Log the calibrated Dyn-Adapter model of `task` on its MLflow run; what `register` needs to promote it
+    (val figures decide, test figures are recorded) and to describe it (the model card)."""
     from dynadapter.inference import StageCosts
     from dynadapter.tracking import log_dynamic_model
 
-    info = log_dynamic_model(run, model, backbone_cfg=params.base.backbone, model_cfg=params.base.model,
-                             costs=StageCosts.from_dict(ev.stage_macs), curve=ev.curve, budget=params.base.budget,
+    base = params.base
+    info = log_dynamic_model(run, model, backbone_cfg=base.backbone, model_cfg=base.model,
+                             costs=StageCosts.from_dict(ev.stage_macs), curve=ev.curve, budget=base.budget,
                              task=task)
+    cal = ev.calibration
+    weights = Path(base.backbone.checkpoint).name if base.backbone.checkpoint else "embedded pretraining"
+    card = {"task": task, "backbone": f"{base.backbone.name} ({weights})",
+            "petl": base.model.petl.method, "exits": list(exits), "budget": base.budget,
+            "val_accuracy": cal["val_accuracy"], "val_fraction": cal["fraction"],
+            "test_accuracy": ev.test["accuracy"], "test_fraction": ev.test["fraction"],
+            "full_depth_mmacs": ev.full_depth_macs / 1e6, "curve": list(task_curve(ev.curve, CARD_BUDGETS).values())}
     return {"run_id": run.run_id, "model_uri": info.model_uri, "tracking_uri": run.tracking_uri,
-            "test_accuracy": ev.test["accuracy"], "test_macs": ev.test["macs"], "budget": params.base.budget}
+            "val_accuracy": cal["val_accuracy"], "val_macs": cal["val_macs"],
+            "test_accuracy": ev.test["accuracy"], "test_macs": ev.test["macs"], "budget": base.budget, "card": card}
 
 
 def run(params, parent=None) -> tuple[dict, dict, dict]:
     from dynadapter.adapt import TaskResult, evaluate_task, load_task_for, load_trained
-    from dynadapter.tracking import log_task_result
+    from dynadapter.tracking import log_budget_curve, log_task_result
     from dynadapter.train.pretrain import backbone_checkpoint
 
     base = params.base
@@ -142,7 +165,8 @@ def run(params, parent=None) -> tuple[dict, dict, dict]:
                 if mlrun is not None:
                     log_task_result(mlrun, TaskResult(trained, ev))
                     if variant == "dyn":
-                        models[task] = log_model(mlrun, model, params, ev, task)
+                        log_budget_curve(mlrun, list(task_curve(ev.curve).values()))
+                        models[task] = log_model(mlrun, model, params, ev, task, trained.exits)
             per_task[task][variant] = {"exits": trained.exits, "params": trained.params,
                                        "step_seconds": trained.step_seconds, **ev.__dict__}
             print(f"evaluate {task}/{variant}: test acc {ev.test['accuracy']:.4f} at "
@@ -187,11 +211,13 @@ def transfer(base, checkpoint) -> dict:
     return report.to_dict()
 
 
-def log_suite(parent, out: Path, metrics: dict) -> None:
-    """The suite figures on the pipeline's parent run: scalar metrics, plots and the tables behind them."""
-    from dynadapter.tracking import log_metrics
+def log_suite(parent, out: Path, metrics: dict, curve: list[dict]) -> None:
+    """The suite figures on the pipeline's parent run: scalar metrics, the budget curve as stepped metrics
+    (MLflow's charts draw and compare it), plots and the tables behind them."""
+    from dynadapter.tracking import log_budget_curve, log_metrics
 
     log_metrics(parent, {k: v for k, v in metrics.items() if k != "tasks"}, prefix="evaluate_")
+    log_budget_curve(parent, curve)
     for name in ("budget_curve", "pareto", "exit_hist"):
         for ext in (".png", ".csv"):
             parent.client.log_artifact(parent.run_id, str(out / f"{name}{ext}"), "evaluate")
@@ -217,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(out / "per_task.json", json.dumps(per_task, indent=1) + "\n")
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_text_atomic(out / "models.json", json.dumps(models, indent=2) + "\n")
-        log_suite(parent, out, metrics)
+        log_suite(parent, out, metrics, curve)
     print(f"evaluate: mean test acc {metrics['dyn_test_accuracy']:.4f} (Dyn-Adapter at budget {params.base.budget}) "
           f"vs {metrics['baseline_test_accuracy']:.4f} (full depth); done in {time.perf_counter() - start:.1f} s")
     return 0

@@ -13,9 +13,11 @@ from pipelines.common import (load_stage_params, save_stage_config, stage_parser
 
 DESCRIPTION = """Register the models the evaluate stage logged, one registered model per task
 (<register.model_prefix>-<task>), and move the alias register.alias (default `champion`) to the new version
-only if its test accuracy at base.budget is at least the current champion's (a tie goes to fewer MACs per
-image), or if there is no champion yet. The decision, its reason and both models' figures are recorded as tags
-and in the description of the new version. Running the stage again changes nothing: a version already
+only if its VALIDATION accuracy at base.budget beats the current champion's (a tie goes to fewer val MACs per
+image), or if there is no champion yet. Promotion is a selection, so test never decides: test accuracy is
+recorded beside. The decision, its reason and both models' figures are recorded as tags; the description of
+the new version is the decision plus a model card (task, backbone, PETL method, val and test accuracy and MACs
+fraction at the budget, the budget curve), which a promotion also puts on the registered model. Running the stage again changes nothing: a version already
 decided is left as it is; one whose registration was interrupted gets its decision finished.
 Load the champion with mlflow.pyfunc.load_model("models:/<name>@champion") after
 mlflow.set_tracking_uri(<base.mlflow.tracking_uri>).
@@ -31,13 +33,19 @@ def run(params: Params, parent) -> dict:
     if missing:
         raise SystemExit(f"error: {base.paths.outputs}/evaluate/models.json has no model for {missing}: "
                          "rerun the evaluate stage")
+    stale = [t for t in base.tasks if models[t].get("budget") != base.budget or "val_accuracy" not in models[t]]
+    if stale:
+        raise SystemExit(f"error: {base.paths.outputs}/evaluate/models.json of {stale} was not evaluated at "
+                         f"base.budget {base.budget} with val figures: rerun the evaluate stage")
     decisions = {}
     for task in base.tasks:
         m = models[task]
         name = model_name_for(task, cfg.model_prefix)
-        decision = promote(parent.client, name, m["model_uri"], run_id=m["run_id"], test_accuracy=m["test_accuracy"],
-                           macs=m["test_macs"], budget=m["budget"], alias=cfg.alias)
-        decisions[task] = {**asdict(decision), "test_accuracy": m["test_accuracy"], "test_macs": m["test_macs"]}
+        decision = promote(parent.client, name, m["model_uri"], run_id=m["run_id"], val_accuracy=m["val_accuracy"],
+                           val_macs=m["val_macs"], test_accuracy=m["test_accuracy"], test_macs=m["test_macs"],
+                           budget=m["budget"], alias=cfg.alias, card=m.get("card"))
+        decisions[task] = {**asdict(decision), **{k: m[k] for k in ("val_accuracy", "val_macs", "test_accuracy",
+                                                                    "test_macs")}}
         verdict = f"promoted to @{cfg.alias}" if decision.promoted else f"not promoted (@{cfg.alias} stays v{decision.champion})"
         print(f"register {name} v{decision.version}: {verdict}: {decision.reason}")
     return decisions

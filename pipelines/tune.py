@@ -18,8 +18,9 @@ Each trial trains base.model on the tune tasks (tune.tasks, default base.tasks) 
 `train` section plus the trial's sampled values (sparsity ratios p_max, p_min, q; per-exit loss weights at
 the start and end of training; optionally lr). A trial is a Ray Train TorchTrainer whose workers train through
 a DeepSpeed engine (tune.deepspeed: ZeRO stage and precision; NCCL + bf16 on CUDA, gloo + fp32 on CPU).
-The metric, reported every epoch, is the mean over tasks of val accuracy at base.budget after calibrating the
-exit thresholds on val; test is never read. ASHA stops weak trials early.
+The metric, reported every epoch, is the mean over tasks of val accuracy at tune.budget (its own key, so that
+changing the inference budget base.budget never retunes) after calibrating the exit thresholds on val; test is
+never read. ASHA stops weak trials early.
 
 Ray: tune.ray.address, else $RAY_ADDRESS, else a local Ray on this machine's CPUs. Trial checkpoints live in
 tune.storage (default <paths.models>/checkpoints/tune): an interrupted stage, rerun with the same params,

@@ -108,13 +108,17 @@ def git(args: list[str], cwd: Path) -> None:
 
 def dvc_project(root: Path, params: dict) -> Path:
     """A committed git + DVC repository in `root` holding the project's code and dvc.yaml, with `params` (paths
-    replaced by the real params.yaml's relative ones) as its params.yaml."""
+    replaced by the real params.yaml's relative ones, every other key at its default) as its params.yaml."""
     for name in ("dynadapter", "pipelines", "weights"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, root / name)
-    params = {**params, "base": {**params["base"], "paths": DVC_PATHS}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    from dynadapter.config import parse_params
+
+    # every key written out, as in the project's own params.yaml: dvc.yaml names single keys (base.model, ...)
+    # and DVC refuses a stage whose params key is missing from the file
+    params = parse_params({**params, "base": {**params["base"], "paths": DVC_PATHS}}).model_dump(mode="json")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(["init", "-q"], root)
     init = dvc(["init", "-q"], root)
     assert init.returncode == 0, init.stderr

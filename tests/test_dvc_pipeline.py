@@ -5,11 +5,13 @@ a second `dvc repro` does nothing, and `dvc exp run -S key=value` / `dvc exp sho
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from helpers import dvc, dvc_project, git
+from helpers import DVC, dvc, dvc_project, git, project_env
 from test_pipelines import tiny_params
 
 pytestmark = pytest.mark.slow
@@ -61,3 +63,47 @@ def test_dvc_exp_run_with_a_param_change_reruns_only_what_depends_on_it(project)
     assert diff.returncode == 0 and "evaluate.throughput_repeats" in diff.stdout, diff.stdout + diff.stderr
     metrics = dvc(["metrics", "diff", "--json"], project)
     assert metrics.returncode == 0, metrics.stderr
+
+
+def test_budget_sweep_as_queued_experiments_retrains_nothing(project):
+    """README's sweep: queue budgets with -S, run them all, read budget, accuracy, MACs fraction and speed-up
+    side by side in `dvc exp show`; no experiment runs the train stage, and all register in the project's
+    MLflow store (the queue runs in temporary copies)."""
+    git(["add", "-A"], project)
+    git(["commit", "-qm", "before the sweep"], project)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    queued = dvc(["exp", "run", "--queue", "-S", "base.budget=0.3,0.7"], project)
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    ran = dvc(["exp", "run", "--run-all", "-j", "1"], project)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    shown = dvc(["exp", "show", "--json"], project)
+    assert shown.returncode == 0, shown.stderr
+    rows = [e for b in json.loads(shown.stdout) for e in (b.get("experiments") or [])]
+    budgets = {}
+    for exp in rows:
+        data = exp["revs"][0]["data"]
+        budget = data["params"]["params.yaml"]["data"]["base"]["budget"]
+        metrics = data["metrics"]["outputs/evaluate/metrics.json"]["data"]
+        assert {"dyn_test_accuracy", "dyn_test_macs_fraction", "throughput_speedup"} <= set(metrics)
+        assert metrics["budget"] == budget
+        trained = next(d["md5"] for d in lock["evaluate"]["deps"] if d["path"] == "models/tasks")
+        assert data["deps"]["models/tasks"]["hash"] == trained  # the baseline's trained models, unchanged
+        budgets[budget] = metrics["dyn_test_macs_fraction"]
+    assert set(budgets) == {0.3, 0.7}
+    names = [e.get("name") or e["revs"][0].get("name") for e in rows]
+    assert all(names), names
+    for name in names:
+        logs = subprocess.run([DVC, "queue", "logs", name], cwd=project, env=project_env(project),
+                              capture_output=True, text=True, timeout=120).stdout
+        assert "Running stage 'train'" not in logs and "Running stage 'tune'" not in logs
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parents = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                 filter_string="tags.`dynadapter.kind` = 'pipeline'")
+    curves = [client.get_metric_history(r.info.run_id, "budget_curve/test_accuracy") for r in parents]
+    assert sum(1 for c in curves if c) >= 3  # the first repro and both experiments, in the project's store
+    assert all(m.step in range(10, 101) for c in curves for m in c)
+    card = client.get_registered_model("dynadapter-size").description
+    assert "vit_tiny_patch16_224" in card and "budget" in card.lower()

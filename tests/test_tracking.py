@@ -208,7 +208,8 @@ def registered(tracking_uri, client, evaluated):
                                  model_cfg=evaluated["mcfg"], costs=evaluated["costs"], curve=ev.curve, budget=0.5,
                                  task="count")
     decision = promote(client, "tiny-count", model_uri_of(run), run_id=run.run_id,
-                       test_accuracy=ev.test["accuracy"], macs=ev.test["macs"], budget=0.5)
+                       val_accuracy=ev.calibration["val_accuracy"], val_macs=ev.calibration["val_macs"],
+                       test_accuracy=ev.test["accuracy"], test_macs=ev.test["macs"], budget=0.5)
     return info, decision
 
 
@@ -288,7 +289,7 @@ def test_pyfunc_rejects_bad_shape_and_dtype(registered):
 
 # ------------------------------------------------------------------------------------------ promotion
 
-PROMOTION_CASES = [  # (champion before: (accuracy, MACs) or None, candidate, promoted?)
+PROMOTION_CASES = [  # (champion before: (val accuracy, val MACs) or None, candidate, promoted?)
     (None, (0.50, 100.0), True),
     ((0.80, 100.0), (0.85, 150.0), True),  # better accuracy, even if dearer
     ((0.80, 100.0), (0.75, 50.0), False),  # worse accuracy, even if cheaper
@@ -314,25 +315,27 @@ def test_promotion(client, exp_id, i, before, candidate, promoted):
     name = f"promo-{i}"
     if before is not None:
         run_id, uri = _fake_model(client, exp_id)
-        assert promote(client, name, uri, run_id=run_id, test_accuracy=before[0], macs=before[1]).promoted
+        assert promote(client, name, uri, run_id=run_id, val_accuracy=before[0], val_macs=before[1]).promoted
     old = client.get_model_version_by_alias(name, CHAMPION).version if before else None
     run_id, uri = _fake_model(client, exp_id)
 
-    first = promote(client, name, uri, run_id=run_id, test_accuracy=candidate[0], macs=candidate[1], budget=0.5)
+    first = promote(client, name, uri, run_id=run_id, val_accuracy=candidate[0], val_macs=candidate[1],
+                    budget=0.5)
     assert first.created and first.promoted is promoted
     champion = str(client.get_model_version_by_alias(name, CHAMPION).version)
     assert champion == (first.version if promoted else str(old)) == first.champion
     version = client.get_model_version(name, first.version)
     assert version.tags[V_DECISION] == ("promoted" if promoted else "kept")
-    assert float(version.tags["dynadapter.test_accuracy"]) == candidate[0]
-    assert float(version.tags["dynadapter.macs"]) == candidate[1]
+    assert float(version.tags["dynadapter.val_accuracy"]) == candidate[0]
+    assert float(version.tags["dynadapter.val_macs"]) == candidate[1]
     if before:
-        assert float(version.tags["dynadapter.previous_champion_test_accuracy"]) == before[0]
+        assert float(version.tags["dynadapter.previous_champion_val_accuracy"]) == before[0]
     assert first.reason in version.description
 
     # the same run again: no new version, nothing changes
     count = len(client.search_model_versions(f"name = '{name}'"))
-    again = promote(client, name, uri, run_id=run_id, test_accuracy=candidate[0], macs=candidate[1], budget=0.5)
+    again = promote(client, name, uri, run_id=run_id, val_accuracy=candidate[0], val_macs=candidate[1],
+                    budget=0.5)
     assert not again.created and (again.version, again.promoted) == (first.version, first.promoted)
     assert len(client.search_model_versions(f"name = '{name}'")) == count
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == champion == again.champion
@@ -343,19 +346,72 @@ def test_promotion(client, exp_id, i, before, candidate, promoted):
 def test_interrupted_promotion_is_completed_by_a_rerun(client, exp_id, stopped_after):
     name = f"promo-interrupted-{stopped_after}"
     run_id, uri = _fake_model(client, exp_id)
-    promote(client, name, uri, run_id=run_id, test_accuracy=0.5, macs=100.0)
+    promote(client, name, uri, run_id=run_id, val_accuracy=0.5, val_macs=100.0)
     run_id, uri = _fake_model(client, exp_id)
     # what an interrupted call leaves: the version with its figures, maybe the alias, no decision
     client.create_model_version(name, uri, run_id=run_id, tags={
-        TAG_MODEL_URI: uri, "dynadapter.test_accuracy": "0.9", "dynadapter.macs": "100.0"})
+        TAG_MODEL_URI: uri, "dynadapter.val_accuracy": "0.9", "dynadapter.val_macs": "100.0"})
     pending = str(max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)).version)
     if stopped_after == "alias":
-        client.set_model_version_tag(name, pending, "dynadapter.reason", "test accuracy 0.9 > 0.5 of v1")
+        client.set_model_version_tag(name, pending, "dynadapter.reason", "val accuracy 0.9 > 0.5 of v1")
         client.set_registered_model_alias(name, CHAMPION, pending)
 
-    done = promote(client, name, uri, run_id=run_id, test_accuracy=0.9, macs=100.0)
+    done = promote(client, name, uri, run_id=run_id, val_accuracy=0.9, val_macs=100.0)
     assert not done.created and done.version == pending and done.promoted
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == pending == done.champion
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
     tags = client.get_model_version(name, pending).tags
     assert tags[V_DECISION] == "promoted" and "0.5" in tags["dynadapter.reason"]
+
+
+@pytest.mark.parametrize("candidate_val,candidate_test,promoted", [
+    (0.70, 0.95, False),  # better on test, worse on val: test must not buy the alias
+    (0.90, 0.40, True),  # better on val, worse on test: promoted, its test figure recorded beside
+])
+def test_promotion_is_decided_on_val_never_on_test(client, exp_id, candidate_val, candidate_test, promoted):
+    name = f"promo-val-{candidate_val}"
+    run_id, uri = _fake_model(client, exp_id)
+    promote(client, name, uri, run_id=run_id, val_accuracy=0.80, val_macs=100.0, test_accuracy=0.60,
+            test_macs=100.0, budget=0.5)
+    run_id, uri = _fake_model(client, exp_id)
+    decision = promote(client, name, uri, run_id=run_id, val_accuracy=candidate_val, val_macs=100.0,
+                       test_accuracy=candidate_test, test_macs=90.0, budget=0.5)
+    assert decision.promoted is promoted and "val accuracy" in decision.reason and "test" not in decision.reason
+    tags = client.get_model_version(name, decision.version).tags
+    assert float(tags["dynadapter.val_accuracy"]) == candidate_val
+    assert float(tags["dynadapter.test_accuracy"]) == candidate_test  # recorded, not compared
+    assert float(tags["dynadapter.previous_champion_test_accuracy"]) == 0.60
+    assert "recorded, not compared" in client.get_model_version(name, decision.version).description
+
+
+def test_a_champion_chosen_on_test_by_an_earlier_release_is_replaced(client, exp_id):
+    name = "promo-legacy"
+    run_id, uri = _fake_model(client, exp_id)
+    client.create_registered_model(name)
+    old = client.create_model_version(name, uri, run_id=run_id, tags={
+        TAG_MODEL_URI: uri, "dynadapter.test_accuracy": "0.99", "dynadapter.macs": "10.0",
+        "dynadapter.decision": "promoted"})
+    client.set_registered_model_alias(name, CHAMPION, old.version)
+    run_id, uri = _fake_model(client, exp_id)
+    decision = promote(client, name, uri, run_id=run_id, val_accuracy=0.5, val_macs=100.0, test_accuracy=0.4)
+    assert decision.promoted and decision.previous_champion == str(old.version)
+    assert "chosen on test accuracy" in decision.reason
+
+
+CARD = {"task": "count", "backbone": "vit_tiny_patch16_224", "petl": "adapter", "exits": [3, 6, 9, 12],
+        "budget": 0.5, "val_accuracy": 0.8125, "test_accuracy": 0.775, "val_fraction": 0.48, "test_fraction": 0.49,
+        "full_depth_mmacs": 3.2,
+        "curve": [{"budget": 0.3, "val_accuracy": 0.7, "test_accuracy": 0.66, "test_fraction": 0.29},
+                  {"budget": 1.0, "val_accuracy": 0.9, "test_accuracy": 0.85, "test_fraction": 1.0}]}
+
+
+def test_registered_version_and_model_carry_the_model_card(client, exp_id):
+    name = "dynadapter-card"
+    run_id, uri = _fake_model(client, exp_id)
+    decision = promote(client, name, uri, run_id=run_id, val_accuracy=0.8125, val_macs=10.0, test_accuracy=0.775,
+                       test_macs=10.0, budget=0.5, card=CARD)
+    text = client.get_model_version(name, decision.version).description
+    for expected in ("`count`", "vit_tiny_patch16_224", "`adapter`", "3, 6, 9, 12", "81.2%", "77.5%", "0.490",
+                     "| 0.3 | 70.0% | 66.0% | 0.290 |", "| 1 | 90.0% | 85.0% | 1.000 |", decision.reason):
+        assert expected in text, expected
+    assert "vit_tiny_patch16_224" in client.get_registered_model(name).description  # the registry page says it

@@ -271,7 +271,7 @@ def test_tune_runs_trials_with_train_workers_and_survives_a_crash(ray_session, t
     rows = outcome.trials
     assert len(rows) == 2 and all(r["error"] is None for r in rows)
     assert all(r["epochs"] == 2 and 0.0 <= r[METRIC] <= 1.0 for r in rows)
-    assert all(r["val_budget_fraction"] <= params.base.budget + 1e-9 for r in rows)
+    assert all(r["val_budget_fraction"] <= params.tune.budget + 1e-9 for r in rows)
     assert sorted(r["resumed_from"] for r in rows) == [0, 1]  # the crashed trial resumed from epoch 1
     assert outcome.best_metric == max(r[METRIC] for r in rows)
     assert set(outcome.best_overrides) == {"train.sparsity.p_max", "train.sparsity.p_min", "train.sparsity.q",

@@ -29,7 +29,7 @@ KILLED_PROMOTION = textwrap.dedent("""
     MlflowClient.set_registered_model_alias = die
     uri, name, run_id, model_uri = sys.argv[1:]
     promote(MlflowClient(tracking_uri=uri, registry_uri=uri), name, model_uri, run_id=run_id,
-            test_accuracy=0.9, macs=100.0, budget=0.5)
+            val_accuracy=0.9, val_macs=100.0, budget=0.5)
     print("not killed")
 """)
 
@@ -45,7 +45,7 @@ def test_promotion_killed_before_the_alias_moves_is_finished_by_a_rerun(tmp_path
         return run.info.run_id, f"{run.info.artifact_uri}/model"
 
     old_run, old_uri = logged_model()
-    assert promote(client, name, old_uri, run_id=old_run, test_accuracy=0.5, macs=100.0).promoted  # v1
+    assert promote(client, name, old_uri, run_id=old_run, val_accuracy=0.5, val_macs=100.0).promoted  # v1
 
     new_run, new_uri = logged_model()
     proc = subprocess.run([sys.executable, "-c", KILLED_PROMOTION, uri, name, new_run, new_uri],
@@ -62,7 +62,7 @@ def test_promotion_killed_before_the_alias_moves_is_finished_by_a_rerun(tmp_path
     assert pending[TAG_MODEL_URI] == new_uri and pending[V_ACCURACY] == "0.9" and V_DECISION not in pending
 
     # the rerun finds v2 (no third version), compares it with v1, moves the alias, records the decision
-    done = promote(client, name, new_uri, run_id=new_run, test_accuracy=0.9, macs=100.0, budget=0.5)
+    done = promote(client, name, new_uri, run_id=new_run, val_accuracy=0.9, val_macs=100.0, budget=0.5)
     assert (done.version, done.created, done.promoted, done.champion) == ("2", False, True, "2")
     assert "0.5" in done.reason and done.previous_champion == "1"
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
@@ -71,6 +71,6 @@ def test_promotion_killed_before_the_alias_moves_is_finished_by_a_rerun(tmp_path
     assert tags[V_DECISION] == "promoted" and tags["dynadapter.previous_champion"] == "1"
 
     # and a third run changes nothing
-    again = promote(client, name, new_uri, run_id=new_run, test_accuracy=0.9, macs=100.0, budget=0.5)
+    again = promote(client, name, new_uri, run_id=new_run, val_accuracy=0.9, val_macs=100.0, budget=0.5)
     assert (again.version, again.created, again.promoted) == ("2", False, True)
     assert client.get_model_version(name, "2").tags == tags

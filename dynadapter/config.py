@@ -166,7 +166,20 @@ class PrepareConfig(Section):
     on_bad_line: Literal["error", "skip"] = Field(
         "error", description="error: stop at the first bad list line; skip: drop bad lines and report them."
     )
+    num_classes: dict[str, int] = Field(
+        default_factory=dict,
+        description="Class count per task (any folder spelling), overriding the VTAB table or, for another "
+        "task, the count inferred from train800 (labels must then be 0..K-1, each class in train800).",
+    )
     embedded: EmbeddedDataConfig = EmbeddedDataConfig()
+
+    @field_validator("num_classes")
+    @classmethod
+    def _positive_counts(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 1}
+        if bad:
+            raise ValueError(f"class counts must be >= 1, got {bad}")
+        return v
 
     @model_validator(mode="after")
     def _vtab_needs_root(self) -> PrepareConfig:

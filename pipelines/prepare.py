@@ -21,6 +21,9 @@ Prepare the data every later stage reads (Parquet + manifest.json per task).
   source=vtab      import the VTAB-1k folder prepare.vtab_root (NOAH layout: <task>/{train800,val200,
                    test}.txt) for the tasks in base.tasks into base.paths.data, checking every line;
                    prepare.on_bad_line=skip drops bad lines and reports them instead of stopping.
+                   train800val200.txt (copies or the same files) is compared with train800 + val200 by
+                   image content and label; a disagreement is a warning. Class count: the VTAB table,
+                   else 0..K-1 each present in train800; prepare.num_classes.<task> overrides both.
 
 Either way the procedural upstream set (for pretraining the embedded backbone) goes to
 base.paths.upstream. Writes <base.paths.outputs>/prepare/{prepare_config.yaml,summary.json}.
@@ -49,9 +52,10 @@ def run(params: Params) -> dict:
                                                                 extra={"seed": base.seed})
             summary["tasks"][task] = _task_summary(data_root, task)
     else:
-        reports = import_vtab(prep.vtab_root, base.tasks, data_root, prep.on_bad_line)
+        reports = import_vtab(prep.vtab_root, base.tasks, data_root, prep.on_bad_line, num_classes=prep.num_classes)
         for r in reports:
-            summary["tasks"][r.task] = {**_task_summary(data_root, r.task), "folder": r.folder}
+            summary["tasks"][r.task] = {**_task_summary(data_root, r.task), "folder": r.folder,
+                                        "train800val200": r.union}
             summary["skipped"][r.task] = [str(b) for b in r.skipped]
             summary["warnings"][r.task] = [str(w) for w in r.warnings]
             for b in r.skipped:

@@ -72,6 +72,7 @@ class Evaluated:
     test_exit_accuracy: list[float]  # accuracy of each exit alone on test (static truncation at that exit)
     curve: list[dict[str, Any]] = field(default_factory=list)  # val-calibrated points, with test figures
     throughput: dict[str, Any] | None = None
+    calibrated_on: str = "val200"  # whose val logits chose the thresholds (see evaluate_task)
 
 
 @dataclass
@@ -137,15 +138,44 @@ def train_task(
     return trained, model
 
 
+SELECTION_DIR = "selection"  # beside a `standard`-protocol model: the train800-only model its thresholds come from
+
+
+def trainval_data(data: TaskData) -> TaskData:
+    """train800 ∪ val200 as the training set and no validation split: the standard protocol's final fit."""
+    x = torch.cat([data.train[0], data.val[0]])
+    y = torch.cat([data.train[1], data.val[1]])
+    return TaskData((x, y), None, data.test, data.num_classes)  # type: ignore[arg-type]
+
+
+def retrain_on_trainval(task: str, data: TaskData, backbone_cfg: BackboneConfig, model_cfg: ModelConfig,
+                        train_cfg: TrainConfig, checkpoint: str | Path | None, selected: Trained,
+                        **train_kwargs) -> tuple[Trained, DynAdapterViT]:
+    """The model the standard VTAB-1k protocol (NOAH, DyT, the paper) reports: a fresh model trained on
+    train800val200 for the epoch count the train800-only run `selected` chose on val200, with the same
+    settings and seed, its last epoch kept (nothing is left to select on). The lr schedule is the full
+    warm-up + cosine over those epochs, as a rerun with `epochs` set to that count would have."""
+    cfg = train_cfg.model_copy(update={"epochs": selected.best_epoch})
+    return train_task(task, trainval_data(data), backbone_cfg, model_cfg, cfg, checkpoint, **train_kwargs)
+
+
 def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
-                  throughput_batch: int = 0, repeats: int = 5) -> Evaluated:
+                  throughput_batch: int = 0, repeats: int = 5,
+                  calibration_model: DynAdapterViT | None = None) -> Evaluated:
     """Merge PETL, calibrate thresholds on val for `budget`, then evaluate once on test (and the val-calibrated
     threshold sweep on test). `throughput_batch` > 0 also times compacted dynamic inference against full depth
-    on that many test images. Leaves the model merged, in eval mode, holding the calibrated thresholds."""
+    on that many test images. Leaves the model merged, in eval mode, holding the calibrated thresholds.
+
+    calibration_model: a model of the same architecture whose val logits choose the thresholds (and the sweep)
+    instead of `model`'s own: under the standard protocol `model` has trained on val200, so its val
+    confidences are optimistic; the train800-only model it was selected with has not (thresholds transfer)."""
     model.eval()
     merge_petl(model)  # Rep-Adapter / LoRA folded into the frozen weights: inference pays nothing for them
     costs = measure_stage_costs(model)
-    val_logits = collect_exit_logits(model, data.val[0])
+    if calibration_model is not None:
+        calibration_model.eval()
+        merge_petl(calibration_model)
+    val_logits = collect_exit_logits(calibration_model or model, data.val[0])
     test_logits = collect_exit_logits(model, data.test[0])
     val_y, test_y = data.val[1], data.test[1]
 
@@ -179,6 +209,7 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
         test_exit_accuracy=_exit_accuracy(test_logits, test_y),
         curve=curve,
         throughput=throughput,
+        calibrated_on="val200, train800-only model" if calibration_model is not None else "val200",
     )
 
 

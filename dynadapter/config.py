@@ -238,6 +238,14 @@ class SparsityConfig(Section):
 
 
 class TrainConfig(OptimConfig):
+    protocol: Literal["select", "standard"] = Field(
+        "select",
+        description="select: train on train800, keep the best epoch on val200 (the reported model never sees "
+        "val200). standard (VTAB-1k papers: NOAH, DyT, Dyn-Adapter): the same run picks the epoch count on "
+        "val200, then a fresh model trains that many epochs on train800val200 and is the one reported on test; "
+        "its exit thresholds are the ones calibrated on val200 for the train800-only model (see "
+        "pipelines/evaluate.py).",
+    )
     priority: PriorityConfig = PriorityConfig()
     sparsity: SparsityConfig = SparsityConfig()
     distill: float = Field(0.0, ge=0, description="Weight of self-distillation (last exit -> earlier); 0 = off.")

@@ -6,6 +6,7 @@ measured the same way: same data, same trainer, same calibration, same MACs acco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -159,24 +160,59 @@ def retrain_on_trainval(task: str, data: TaskData, backbone_cfg: BackboneConfig,
     return train_task(task, trainval_data(data), backbone_cfg, model_cfg, cfg, checkpoint, **train_kwargs)
 
 
+def accelerator_strategy():
+    """How a stage trains on this machine: on a CUDA GPU, a DeepSpeed engine (a one-rank NCCL group; bf16 where
+    the GPU supports it: DeepSpeedConfig's precision `auto`), the path tune trials take; else None (plain
+    AdamW on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    from dynadapter.train.deepspeed import deepspeed_strategy
+
+    return deepspeed_strategy()
+
+
+def accelerator() -> torch.device | None:
+    """The CUDA device when there is one (the evaluate stage runs its forward passes there), else None."""
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+@contextlib.contextmanager
+def placed_on(models: list[torch.nn.Module], device: torch.device | str | None):
+    """`models` on `device` inside the block and back on the CPU after it (no-op for None / CPU)."""
+    if device is None or torch.device(device).type == "cpu":
+        yield
+        return
+    for m in models:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in models:
+            m.to("cpu")
+
+
 def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
                   throughput_batch: int = 0, repeats: int = 5,
-                  calibration_model: DynAdapterViT | None = None) -> Evaluated:
+                  calibration_model: DynAdapterViT | None = None,
+                  device: torch.device | str | None = None) -> Evaluated:
     """Merge PETL, calibrate thresholds on val for `budget`, then evaluate once on test (and the val-calibrated
     threshold sweep on test). `throughput_batch` > 0 also times compacted dynamic inference against full depth
     on that many test images. Leaves the model merged, in eval mode, holding the calibrated thresholds.
 
     calibration_model: a model of the same architecture whose val logits choose the thresholds (and the sweep)
     instead of `model`'s own: under the standard protocol `model` has trained on val200, so its val
-    confidences are optimistic; the train800-only model it was selected with has not (thresholds transfer)."""
+    confidences are optimistic; the train800-only model it was selected with has not (thresholds transfer).
+    device: where the val/test forward passes run (e.g. a GPU); MACs are measured, and the model is left, on
+    the CPU."""
     model.eval()
     merge_petl(model)  # Rep-Adapter / LoRA folded into the frozen weights: inference pays nothing for them
     costs = measure_stage_costs(model)
     if calibration_model is not None:
         calibration_model.eval()
         merge_petl(calibration_model)
-    val_logits = collect_exit_logits(calibration_model or model, data.val[0])
-    test_logits = collect_exit_logits(model, data.test[0])
+    with placed_on([m for m in (model, calibration_model) if m is not None], device):
+        val_logits = collect_exit_logits(calibration_model or model, data.val[0]).cpu()
+        test_logits = collect_exit_logits(model, data.test[0]).cpu()
     val_y, test_y = data.val[1], data.test[1]
 
     cal = calibrate(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,

@@ -124,7 +124,7 @@ def log_model(run, model, params, ev, task: str) -> dict:
 
 
 def run(params, parent=None) -> tuple[dict, dict, dict]:
-    from dynadapter.adapt import SELECTION_DIR, TaskResult, evaluate_task, load_task_for, load_trained
+    from dynadapter.adapt import SELECTION_DIR, TaskResult, accelerator, evaluate_task, load_task_for, load_trained
     from dynadapter.tracking import log_task_result
     from dynadapter.train.pretrain import backbone_checkpoint
 
@@ -143,7 +143,7 @@ def run(params, parent=None) -> tuple[dict, dict, dict]:
             with tracked_task(parent, task, variant, {"budget": base.budget}, stage="evaluate") as mlrun:
                 ev = evaluate_task(model, data, budget=base.budget, repeats=params.evaluate.throughput_repeats,
                                    throughput_batch=params.evaluate.throughput_batch if variant == "dyn" else 0,
-                                   calibration_model=selection)
+                                   calibration_model=selection, device=accelerator())
                 if mlrun is not None:
                     log_task_result(mlrun, TaskResult(trained, ev))
                     if variant == "dyn":

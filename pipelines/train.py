@@ -23,7 +23,8 @@ train.protocol=select (default): both train on train800 with model selection on 
 train.protocol=standard (the VTAB-1k papers' protocol): that run only chooses the epoch count on val200; a fresh
 model then trains that many epochs on train800val200 and is the saved model; the train800-only model is kept
 beside it (<task>/<variant>/selection/) because the evaluate stage calibrates thresholds with it.
-Test is not read here. Each run checkpoints
+Test is not read here. On a CUDA GPU the models train through a DeepSpeed engine (NCCL, bf16 where the GPU
+supports it), as tune trials do; on the CPU with plain AdamW. Each run checkpoints
 after every epoch (<paths.models>/checkpoints/train/) and resumes after an interruption (Ctrl-C, a kill):
 rerun the stage and it goes on from the last finished epoch. <paths.models>/tasks/ is put in place only
 when every model is trained, so an interrupted stage leaves no partial output.
@@ -62,7 +63,8 @@ def run(params: Params, parent=None, stdout=sys.stdout) -> dict:
 
 def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout) -> dict:
     """Both variants of every task, trained (or resumed) and saved in tasks_dir/<task>/<variant>; the summary."""
-    from dynadapter.adapt import SELECTION_DIR, load_task_for, retrain_on_trainval, save_trained, train_task
+    from dynadapter.adapt import (SELECTION_DIR, accelerator_strategy, load_task_for, retrain_on_trainval,
+                                  save_trained, train_task)
     from dynadapter.tracking import log_task_result
     from dynadapter.train.pretrain import backbone_checkpoint
 
@@ -70,6 +72,7 @@ def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout)
     checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
     models_dir = Path(base.paths.models)
     summary: dict = {"tasks": {}}
+    strategy = accelerator_strategy()  # a GPU: DeepSpeed, NCCL, bf16 where supported; else AdamW on the CPU
     for task in base.tasks:
         data = load_task_for(base, task)
         summary["tasks"][task] = {}
@@ -82,7 +85,7 @@ def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout)
                               stage="train") as mlrun:
                 trained, model = train_task(
                     task, data, base.backbone, model_cfg, train_cfg, checkpoint, seed=base.seed,
-                    checkpoint_path=ckpt_dir / f"{task}-{variant}.pt",
+                    checkpoint_path=ckpt_dir / f"{task}-{variant}.pt", strategy=strategy,
                     on_epoch_end=epoch_printer(f"train {task}/{variant}", cfg.epochs),
                 )
                 selected = trained
@@ -90,7 +93,7 @@ def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout)
                     save_trained(model, trained, out / SELECTION_DIR, **save)
                     trained, model = retrain_on_trainval(
                         task, data, base.backbone, model_cfg, train_cfg, checkpoint, selected, seed=base.seed,
-                        checkpoint_path=ckpt_dir / f"{task}-{variant}-train800val200.pt",
+                        checkpoint_path=ckpt_dir / f"{task}-{variant}-train800val200.pt", strategy=strategy,
                         on_epoch_end=epoch_printer(f"train {task}/{variant} on train800val200", selected.best_epoch),
                     )
                 if mlrun is not None:

@@ -74,8 +74,8 @@ def _png(rng) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("protocol", ["select", "standard"])
-def test_train_and_evaluate_stages_follow_the_protocol(tmp_path, protocol):
+def _stage_params(tmp_path, protocol: str):
+    """A prepared 3-class task and a random tiny backbone file; the params the stages run with."""
     rng = np.random.default_rng(0)
     sizes = {"train": 12, "val": 6, "test": 6}
     splits = [s for s, n in sizes.items() for _ in range(n)]
@@ -84,7 +84,7 @@ def test_train_and_evaluate_stages_follow_the_protocol(tmp_path, protocol):
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY)
     save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
-    params = parse_params({
+    return parse_params({
         "base": {"paths": {k: str(tmp_path / k) for k in ("data", "upstream", "models", "outputs")},
                  "tasks": ["toy"],
                  "backbone": {"name": "vit_tiny_patch16_224", "checkpoint": str(tmp_path / "vit.safetensors"),
@@ -92,6 +92,11 @@ def test_train_and_evaluate_stages_follow_the_protocol(tmp_path, protocol):
         "train": {"epochs": 2, "batch_size": 6, "lr": 0.01, "protocol": protocol},
         "evaluate": {"throughput_batch": 0},
     })
+
+
+@pytest.mark.parametrize("protocol", ["select", "standard"])
+def test_train_and_evaluate_stages_follow_the_protocol(tmp_path, protocol):
+    params = _stage_params(tmp_path, protocol)
     summary = train_stage.run(params, None, stdout=io.StringIO())
     saved = tmp_path / "models/tasks/toy"
     for variant in ("dyn", "baseline"):
@@ -113,3 +118,30 @@ def test_train_and_evaluate_stages_follow_the_protocol(tmp_path, protocol):
 
         alone = evaluate_task(sel_model, load_task_for(params.base, "toy"), budget=params.base.budget)
         assert per_task["toy"]["dyn"]["calibration"]["thresholds"] == alone.calibration["thresholds"]
+
+
+def test_train_stage_trains_through_deepspeed_on_a_gpu(tmp_path, monkeypatch):
+    """On a CUDA machine the train stage takes the tune trials' path: a DeepSpeed engine (NCCL, bf16 where the
+    GPU supports it); on the CPU plain AdamW. (The GPU itself is not exercised here: the factory is spied on.)"""
+    import dynadapter.adapt as adapt
+    from dynadapter.train.deepspeed import DeepSpeedStrategy, Placement, resolve_placement
+    from dynadapter.train.loop import AdamWStrategy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert adapt.accelerator_strategy() is None and adapt.accelerator() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    factory = adapt.accelerator_strategy()
+    assert factory.func is DeepSpeedStrategy and factory.keywords == {"ds": None, "placement": None}
+    assert resolve_placement("auto", cuda=True, bf16_supported=True) == Placement("cuda", "nccl", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the run below is on the CPU
+
+    used = []
+
+    def spy(model, cfg, steps_per_epoch):
+        used.append(steps_per_epoch)
+        return AdamWStrategy(model, cfg, steps_per_epoch)
+
+    monkeypatch.setattr(adapt, "accelerator_strategy", lambda: spy)
+    params = _stage_params(tmp_path, "standard")
+    train_stage.run(params, None, stdout=io.StringIO())
+    assert used == [2, 3, 2, 3]  # dyn: train800, train800val200; baseline: the same

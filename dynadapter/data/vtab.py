@@ -244,8 +244,10 @@ def _label_rule(name: str, entries: Sequence[_Entry], override: int | None) -> t
         k += 1
     train_file = LIST_FILES["train"]
 
+    ids = f"0..{k - 1}" if k else "(none)"
+
     def reason(label: int) -> str:
-        return (f"label {label} breaks the class ids 0..{k - 1} of task {name} (unknown to VTAB, so its classes are "
+        return (f"label {label} breaks the class ids {ids} of task {name} (unknown to VTAB, so its classes are "
                 f"0..K-1, each with an image in {train_file}; {train_file} has no class {k}); set "
                 f"prepare.num_classes.{name} if the count is right")
 

@@ -76,7 +76,7 @@ def test_vitb16_preset_miniature_prepare_train_evaluate(tmp_path, name, override
     params["base"]["backbone"].update(name=name, overrides=overrides)
     params["train"].update(epochs=1, batch_size=8, warmup_epochs=0.0)
     params["evaluate"]["throughput_batch"] = 0
-    params["prepare"]["embedded"].update(upstream_train=8, upstream_val=8)
+    params["prepare"]["embedded"].update(upstream_train=20, upstream_val=20)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = {**project_env(root), "OMP_NUM_THREADS": "2"}

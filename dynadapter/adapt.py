@@ -6,6 +6,7 @@ measured the same way: same data, same trainer, same calibration, same MACs acco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,7 @@ class Evaluated:
     curve: list[dict[str, Any]] = field(default_factory=list)  # val-calibrated points, with test figures
     throughput: dict[str, Any] | None = None
     mode_comparison: dict[str, Any] | None = None  # calibration modes scored on held-out val halves
+    calibrated_on: str = "val200"  # whose val logits chose the thresholds (see evaluate_task)
 
 
 @dataclass
@@ -139,19 +141,83 @@ def train_task(
     return trained, model
 
 
+SELECTION_DIR = "selection"  # beside a `standard`-protocol model: the train800-only model its thresholds come from
+
+
+def trainval_data(data: TaskData) -> TaskData:
+    """train800 ∪ val200 as the training set and no validation split: the standard protocol's final fit."""
+    x = torch.cat([data.train[0], data.val[0]])
+    y = torch.cat([data.train[1], data.val[1]])
+    return TaskData((x, y), None, data.test, data.num_classes)  # type: ignore[arg-type]
+
+
+def retrain_on_trainval(task: str, data: TaskData, backbone_cfg: BackboneConfig, model_cfg: ModelConfig,
+                        train_cfg: TrainConfig, checkpoint: str | Path | None, selected: Trained,
+                        **train_kwargs) -> tuple[Trained, DynAdapterViT]:
+    """The model the standard VTAB-1k protocol (NOAH, DyT, the paper) reports: a fresh model trained on
+    train800val200 for the epoch count the train800-only run `selected` chose on val200, with the same
+    settings and seed, its last epoch kept (nothing is left to select on). The lr schedule is the full
+    warm-up + cosine over those epochs, as a rerun with `epochs` set to that count would have."""
+    cfg = train_cfg.model_copy(update={"epochs": selected.best_epoch})
+    return train_task(task, trainval_data(data), backbone_cfg, model_cfg, cfg, checkpoint, **train_kwargs)
+
+
+def accelerator_strategy():
+    """How a stage trains on this machine: on a CUDA GPU, a DeepSpeed engine (a one-rank NCCL group; bf16 where
+    the GPU supports it: DeepSpeedConfig's precision `auto`), the path tune trials take; else None (plain
+    AdamW on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    from dynadapter.train.deepspeed import deepspeed_strategy
+
+    return deepspeed_strategy()
+
+
+def accelerator() -> torch.device | None:
+    """The CUDA device when there is one (the evaluate stage runs its forward passes there), else None."""
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+@contextlib.contextmanager
+def placed_on(models: list[torch.nn.Module], device: torch.device | str | None):
+    """`models` on `device` inside the block and back on the CPU after it (no-op for None / CPU)."""
+    if device is None or torch.device(device).type == "cpu":
+        yield
+        return
+    for m in models:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in models:
+            m.to("cpu")
+
+
 def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
-                  throughput_batch: int = 0, repeats: int = 5, calibration: str = "path") -> Evaluated:
+                  throughput_batch: int = 0, repeats: int = 5, calibration: str = "path",
+                  calibration_model: DynAdapterViT | None = None,
+                  device: torch.device | str | None = None) -> Evaluated:
     """Merge PETL, calibrate thresholds on val for `budget` (`calibration`: path | search, see
     `dynadapter.inference.calibrate`), then evaluate once on test (and the val-calibrated threshold sweep on
     test). Both calibration modes are also scored on held-out val halves (`mode_comparison`), so whether
     `search` beats the default can be judged without test. `throughput_batch` > 0 also times compacted
     dynamic inference against full depth on that many test images. Leaves the model merged, in eval mode,
-    holding the calibrated thresholds."""
+    holding the calibrated thresholds.
+
+    calibration_model: a model of the same architecture whose val logits choose the thresholds (and the sweep)
+    instead of `model`'s own: under the standard protocol `model` has trained on val200, so its val
+    confidences are optimistic; the train800-only model it was selected with has not (thresholds transfer).
+    device: where the val/test forward passes run (e.g. a GPU); MACs are measured, and the model is left, on
+    the CPU."""
     model.eval()
     merge_petl(model)  # Rep-Adapter / LoRA folded into the frozen weights: inference pays nothing for them
     costs = measure_stage_costs(model)
-    val_logits = collect_exit_logits(model, data.val[0])
-    test_logits = collect_exit_logits(model, data.test[0])
+    if calibration_model is not None:
+        calibration_model.eval()
+        merge_petl(calibration_model)
+    with placed_on([m for m in (model, calibration_model) if m is not None], device):
+        val_logits = collect_exit_logits(calibration_model or model, data.val[0]).cpu()
+        test_logits = collect_exit_logits(model, data.test[0]).cpu()
     val_y, test_y = data.val[1], data.test[1]
 
     cal = calibrate(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
@@ -188,6 +254,7 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
         curve=curve,
         throughput=throughput,
         mode_comparison=modes,
+        calibrated_on="val200, train800-only model" if calibration_model is not None else "val200",
     )
 
 

@@ -163,7 +163,20 @@ class PrepareConfig(Section):
     on_bad_line: Literal["error", "skip"] = Field(
         "error", description="error: stop at the first bad list line; skip: drop bad lines and report them."
     )
+    num_classes: dict[str, int] = Field(
+        default_factory=dict,
+        description="Class count per task (any folder spelling), overriding the VTAB table or, for another "
+        "task, the count inferred from train800 (labels must then be 0..K-1, each class in train800).",
+    )
     embedded: EmbeddedDataConfig = EmbeddedDataConfig()
+
+    @field_validator("num_classes")
+    @classmethod
+    def _positive_counts(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 1}
+        if bad:
+            raise ValueError(f"class counts must be >= 1, got {bad}")
+        return v
 
     @model_validator(mode="after")
     def _vtab_needs_root(self) -> PrepareConfig:
@@ -238,6 +251,14 @@ class SparsityConfig(Section):
 
 
 class TrainConfig(OptimConfig):
+    protocol: Literal["select", "standard"] = Field(
+        "select",
+        description="select: train on train800, keep the best epoch on val200 (the reported model never sees "
+        "val200). standard (VTAB-1k papers: NOAH, DyT, Dyn-Adapter): the same run picks the epoch count on "
+        "val200, then a fresh model trains that many epochs on train800val200 and is the one reported on test; "
+        "its exit thresholds are the ones calibrated on val200 for the train800-only model (see "
+        "pipelines/evaluate.py).",
+    )
     priority: PriorityConfig = PriorityConfig()
     sparsity: SparsityConfig = SparsityConfig()
     distill: float = Field(0.0, ge=0, description="Weight of self-distillation (last exit -> earlier); 0 = off.")

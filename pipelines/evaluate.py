@@ -13,7 +13,9 @@ from pipelines.common import (load_stage_params, save_stage_config, stage_parser
 DESCRIPTION = """Evaluate the trained models of every task in base.tasks at the FLOPs budget base.budget.
 
 For the Dyn-Adapter model: merge PETL into the frozen weights, calibrate per-exit thresholds on val200 for the
-budget (a fraction of full-depth MACs), then apply them once to test: accuracy, mean MACs actually executed,
+budget (a fraction of full-depth MACs; under train.protocol=standard the model trained on val200 too, so the
+thresholds are calibrated on val200 with the train800-only model saved beside it and transferred), then apply
+them once to test: accuracy, mean MACs actually executed,
 exit histogram; the val-calibrated threshold sweep evaluated on test (accuracy vs budget) and its Pareto
 frontier (non-dominated points); accuracy of each exit alone; measured CPU throughput of compacted dynamic
 inference against full depth on the same test batch (evaluate.throughput_batch images, 0 = skip).
@@ -145,7 +147,7 @@ def log_model(run, model, params, ev, task: str, exits: list[int]) -> dict:
 
 
 def run(params, parent=None) -> tuple[dict, dict, dict]:
-    from dynadapter.adapt import TaskResult, evaluate_task, load_task_for, load_trained
+    from dynadapter.adapt import SELECTION_DIR, TaskResult, accelerator, evaluate_task, load_task_for, load_trained
     from dynadapter.tracking import log_budget_curve, log_task_result
     from dynadapter.train.pretrain import backbone_checkpoint
 
@@ -157,11 +159,15 @@ def run(params, parent=None) -> tuple[dict, dict, dict]:
         data = load_task_for(base, task)
         per_task[task] = {}
         for variant in ("dyn", "baseline"):
-            model, trained, _ = load_trained(Path(base.paths.models) / "tasks" / task / variant, checkpoint)
+            saved = Path(base.paths.models) / "tasks" / task / variant
+            model, trained, _ = load_trained(saved, checkpoint)
+            # standard protocol: the model trained on val200 too; its thresholds come from the train800-only one
+            selection = load_trained(saved / SELECTION_DIR, checkpoint)[0] if (saved / SELECTION_DIR).is_dir() else None
             with tracked_task(parent, task, variant, {"budget": base.budget}, stage="evaluate") as mlrun:
                 ev = evaluate_task(model, data, budget=base.budget, repeats=params.evaluate.throughput_repeats,
                                    throughput_batch=params.evaluate.throughput_batch if variant == "dyn" else 0,
-                                   calibration=params.evaluate.calibration)
+                                   calibration=params.evaluate.calibration,
+                                   calibration_model=selection, device=accelerator())
                 if mlrun is not None:
                     log_task_result(mlrun, TaskResult(trained, ev))
                     if variant == "dyn":

@@ -19,7 +19,12 @@ DESCRIPTION = """Train the final models, one pair per task in base.tasks:
             the tuned values in --best (the tune stage's best_params.yaml) when that file exists;
   baseline  the same PETL module at full depth without exits (the paper's comparison), same training budget.
 
-Both train on train800 with model selection on val200 only; test is not read here. Each run checkpoints
+train.protocol=select (default): both train on train800 with model selection on val200 only.
+train.protocol=standard (the VTAB-1k papers' protocol): that run only chooses the epoch count on val200; a fresh
+model then trains that many epochs on train800val200 and is the saved model; the train800-only model is kept
+beside it (<task>/<variant>/selection/) because the evaluate stage calibrates thresholds with it.
+Test is not read here. On a CUDA GPU the models train through a DeepSpeed engine (NCCL, bf16 where the GPU
+supports it), as tune trials do; on the CPU with plain AdamW. Each run checkpoints
 after every epoch (<paths.models>/checkpoints/train/) and resumes after an interruption (Ctrl-C, a kill):
 rerun the stage and it goes on from the last finished epoch. <paths.models>/tasks/ is put in place only
 when every model is trained, so an interrupted stage leaves no partial output.
@@ -58,7 +63,8 @@ def run(params: Params, parent=None, stdout=sys.stdout) -> dict:
 
 def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout) -> dict:
     """Both variants of every task, trained (or resumed) and saved in tasks_dir/<task>/<variant>; the summary."""
-    from dynadapter.adapt import load_task_for, save_trained, train_task
+    from dynadapter.adapt import (SELECTION_DIR, accelerator_strategy, load_task_for, retrain_on_trainval,
+                                  save_trained, train_task)
     from dynadapter.tracking import log_task_result
     from dynadapter.train.pretrain import backbone_checkpoint
 
@@ -66,30 +72,44 @@ def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout)
     checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
     models_dir = Path(base.paths.models)
     summary: dict = {"tasks": {}}
+    strategy = accelerator_strategy()  # a GPU: DeepSpeed, NCCL, bf16 where supported; else AdamW on the CPU
     for task in base.tasks:
         data = load_task_for(base, task)
         summary["tasks"][task] = {}
         for variant in VARIANTS:
             model_cfg, train_cfg = variant_configs(params, variant)
+            out = tasks_dir / task / variant
+            save = dict(backbone_cfg=base.backbone, model_cfg=model_cfg, num_classes=data.num_classes)
+            ckpt_dir = models_dir / "checkpoints" / "train"
             with tracked_task(parent, task, variant, {"model": model_cfg, "train": train_cfg},
                               stage="train") as mlrun:
                 trained, model = train_task(
                     task, data, base.backbone, model_cfg, train_cfg, checkpoint, seed=base.seed,
-                    checkpoint_path=models_dir / "checkpoints" / "train" / f"{task}-{variant}.pt",
+                    checkpoint_path=ckpt_dir / f"{task}-{variant}.pt", strategy=strategy,
                     on_epoch_end=epoch_printer(f"train {task}/{variant}", cfg.epochs),
                 )
+                selected = trained
+                if cfg.protocol == "standard":  # thresholds come from the train800-only model: keep it
+                    save_trained(model, trained, out / SELECTION_DIR, **save)
+                    trained, model = retrain_on_trainval(
+                        task, data, base.backbone, model_cfg, train_cfg, checkpoint, selected, seed=base.seed,
+                        checkpoint_path=ckpt_dir / f"{task}-{variant}-train800val200.pt", strategy=strategy,
+                        on_epoch_end=epoch_printer(f"train {task}/{variant} on train800val200", selected.best_epoch),
+                    )
                 if mlrun is not None:
                     log_task_result(mlrun, trained)
-            save_trained(model, trained, tasks_dir / task / variant, backbone_cfg=base.backbone,
-                         model_cfg=model_cfg, num_classes=data.num_classes)
-            best = trained.history[trained.best_epoch - 1]
+            save_trained(model, trained, out, **save)
+            best = selected.history[selected.best_epoch - 1]
             summary["tasks"][task][variant] = {
                 "val_acc_mean": best["val_acc_mean"],
                 "val_acc_last": best["val_acc_last"],
-                "best_epoch": trained.best_epoch,
+                "best_epoch": selected.best_epoch,
+                "protocol": cfg.protocol,
+                "trained_on": "train800val200" if cfg.protocol == "standard" else "train800",
                 "trainable_params": trained.params["trainable"],
                 "step_ms": round(1000 * trained.step_seconds, 2),
-                "train_seconds": round(trained.train_seconds, 1),
+                "train_seconds": round(trained.train_seconds + (selected.train_seconds if selected is not trained
+                                                                 else 0.0), 1),
             }
             print(f"train {task}/{variant}: val acc (last exit) {best['val_acc_last']:.4f}", file=stdout)
     return summary

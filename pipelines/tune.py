@@ -64,6 +64,22 @@ def log_trials(parent, outcome, tasks: list[str]) -> None:
             parent.client.delete_run(run_id)
 
 
+def project_relative(path: str, root: Path) -> str:
+    """`path` relative to the project root `root` when it lies inside it, so trials.csv names no folder of the
+    machine it ran on; a URI (s3://...) or a folder outside the project (shared cluster storage) is kept."""
+    if not path or "://" in path:
+        return path
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def trials_rows(trials: list[dict], root: Path) -> list[dict]:
+    """The rows of trials.csv: the trials' results, their checkpoint folders relative to the project."""
+    return [{**row, "path": project_relative(str(row.get("path") or ""), root)} for row in trials]
+
+
 def run(params: Params, parent=None) -> dict:
     import ray
 
@@ -87,7 +103,7 @@ def run(params: Params, parent=None) -> dict:
         if started_here:
             ray.shutdown()
     write_best_params(outcome, out / "best_params.yaml")
-    write_csv(out / "trials.csv", outcome.trials)
+    write_csv(out / "trials.csv", trials_rows(outcome.trials, Path.cwd()))
     if parent is not None:
         log_trials(parent, outcome, tasks)
     errored = sum(1 for r in outcome.trials if r.get("error"))

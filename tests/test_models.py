@@ -279,33 +279,7 @@ def test_stage_dropout_endpoints():
 # -------------------------------------------------------------------------------------- backbone loading
 
 
-def _vit_to_npz(vit) -> dict[str, np.ndarray]:
-    """The original JAX ViT (.npz) layout that timm's `_load_weights` reads, from a timm ViT."""
-    d = vit.embed_dim
-    heads = vit.blocks[0].attn.num_heads
-    t = lambda x: x.detach().numpy()  # noqa: E731
-    w = {
-        "embedding/kernel": t(vit.patch_embed.proj.weight.permute(2, 3, 1, 0)),
-        "embedding/bias": t(vit.patch_embed.proj.bias),
-        "cls": t(vit.cls_token),
-        "Transformer/posembed_input/pos_embedding": t(vit.pos_embed),
-        "Transformer/encoder_norm/scale": t(vit.norm.weight),
-        "Transformer/encoder_norm/bias": t(vit.norm.bias),
-    }
-    for i, blk in enumerate(vit.blocks):
-        p = f"Transformer/encoderblock_{i}/"
-        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = t(blk.norm1.weight), t(blk.norm1.bias)
-        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = t(blk.norm2.weight), t(blk.norm2.bias)
-        for name, wq, bq in zip(("query", "key", "value"), blk.attn.qkv.weight.chunk(3), blk.attn.qkv.bias.chunk(3)):
-            w[p + f"MultiHeadDotProductAttention_1/{name}/kernel"] = t(wq.T.reshape(d, heads, -1))
-            w[p + f"MultiHeadDotProductAttention_1/{name}/bias"] = t(bq.reshape(heads, -1))
-        out_kernel = blk.attn.proj.weight.reshape(d, heads, -1).permute(1, 2, 0)  # [heads, head_dim, D]
-        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = t(out_kernel)
-        w[p + "MultiHeadDotProductAttention_1/out/bias"] = t(blk.attn.proj.bias)
-        for r, fc in enumerate((blk.mlp.fc1, blk.mlp.fc2)):
-            w[p + f"MlpBlock_3/Dense_{r}/kernel"] = t(fc.weight.T)
-            w[p + f"MlpBlock_3/Dense_{r}/bias"] = t(fc.bias)
-    return w
+from vit_weights import vit_to_npz as _vit_to_npz  # noqa: E402 - the original JAX ViT (.npz) layout
 
 
 def _save(vit, path, wrap: str | None = None) -> None:

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dynadapter.data.vtab_tasks import canonical_task_name  # 'cifar100' is stored as 'cifar'
+
 FORMAT_VERSION = 1
 DATA_FILE = "data.parquet"
 MANIFEST_FILE = "manifest.json"
@@ -293,8 +295,6 @@ def read_task(root: str | Path, task: str, split: str | None = None, verify: boo
     """
     _check_task_name(task)
     if not (Path(root) / task).is_dir():
-        from dynadapter.data.vtab import canonical_task_name  # 'cifar100' is stored as 'cifar'
-
         task = canonical_task_name(task)
     manifest = read_manifest(root, task)
     path = Path(root) / task / DATA_FILE

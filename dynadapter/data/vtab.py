@@ -1,65 +1,34 @@
 """VTAB-1k folder import (the NOAH layout every PETL repo uses) into the Parquet store.
 
 `<root>/<task>/{train800,val200,train800val200,test}.txt`, one `images/<split>/000123.jpg <label>` per line,
-paths relative to the task folder. Every line is checked; a bad line stops the import (on_bad_line='error')
-or is dropped and reported (on_bad_line='skip'), always as `file:line: reason`.
+paths relative to the task folder. Every line of train800, val200 and test is checked; a bad line stops the
+import (on_bad_line='error') or is dropped and reported (on_bad_line='skip'), always as `file:line: reason`.
+train800val200 is only compared with train800 ∪ val200 (by path, or by image content for the renumbered
+copies NOAH's get_vtab1k.py writes); a disagreement there is a warning, never a stop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from dynadapter.data.store import DataError, write_task
-
-# Standard VTAB-1k class counts (canonical names as in the NOAH / VPT folder releases).
-VTAB_NUM_CLASSES: dict[str, int] = {
-    "cifar": 100,
-    "caltech101": 102,
-    "dtd": 47,
-    "oxford_flowers102": 102,
-    "oxford_iiit_pet": 37,
-    "svhn": 10,
-    "sun397": 397,
-    "patch_camelyon": 2,
-    "eurosat": 10,
-    "resisc45": 45,
-    "diabetic_retinopathy": 5,
-    "clevr_count": 8,
-    "clevr_dist": 6,
-    "dmlab": 6,
-    "kitti": 4,
-    "dsprites_loc": 16,
-    "dsprites_ori": 16,
-    "smallnorb_azi": 18,
-    "smallnorb_ele": 9,
-}
-
-# Other folder spellings seen in the wild -> canonical name.
-VTAB_ALIASES: dict[str, str] = {
-    "cifar100": "cifar",
-    "cifar-100": "cifar",
-    "oxford_pet": "oxford_iiit_pet",
-    "oxford_pets": "oxford_iiit_pet",
-    "pets": "oxford_iiit_pet",
-    "oxford_flowers": "oxford_flowers102",
-    "flowers102": "oxford_flowers102",
-    "pcam": "patch_camelyon",
-    "retinopathy": "diabetic_retinopathy",
-    "kitti_dist": "kitti",
-    "dsprites_location": "dsprites_loc",
-    "dsprites_orientation": "dsprites_ori",
-    "smallnorb_azimuth": "smallnorb_azi",
-    "smallnorb_elevation": "smallnorb_ele",
-}
+from dynadapter.data.vtab_tasks import (  # noqa: F401 - re-exported: the names lived here first
+    VTAB_ALIASES,
+    VTAB_NUM_CLASSES,
+    canonical_task_name,
+    task_spellings,
+)
 
 LIST_FILES = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 UNION_FILE = "train800val200.txt"  # = train800 ∪ val200; only checked, never stored twice
@@ -94,6 +63,7 @@ class VtabTask:
     num_classes: int
     skipped: list[BadLine] = field(default_factory=list)
     warnings: list[BadLine] = field(default_factory=list)
+    union: dict[str, Any] = field(default_factory=dict)  # how train800val200.txt matched (UnionCheck.summary)
 
     def counts(self) -> dict[str, int]:
         return {s: self.splits.count(s) for s in LIST_FILES}
@@ -109,6 +79,7 @@ class ImportReport:
     counts: dict[str, int]
     skipped: list[BadLine]
     warnings: list[BadLine]
+    union: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -118,12 +89,8 @@ class ImportReport:
             "skipped": len(self.skipped),
             "skipped_lines": [str(b) for b in self.skipped],
             "warnings": [str(w) for w in self.warnings],
+            "train800val200": self.union,
         }
-
-
-def canonical_task_name(name: str) -> str:
-    """VTAB canonical name for a task or folder spelling ('cifar100' -> 'cifar'); unknown names pass through."""
-    return VTAB_ALIASES.get(name, name)
 
 
 def find_task_folder(root: str | Path, task: str) -> Path:
@@ -131,12 +98,11 @@ def find_task_folder(root: str | Path, task: str) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: VTAB-1k root folder not found (prepare.vtab_root)")
-    canonical = canonical_task_name(task)
-    candidates = [task, canonical] + [alias for alias, c in VTAB_ALIASES.items() if c == canonical]
-    for name in dict.fromkeys(candidates):
+    candidates = task_spellings(task)
+    for name in candidates:
         if (root / name).is_dir():
             return root / name
-    raise DataError(f"{root}: no folder for task {task!r} (tried {', '.join(dict.fromkeys(candidates))})")
+    raise DataError(f"{root}: no folder for task {task!r} (tried {', '.join(candidates)})")
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -160,28 +126,41 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # 1, L, LA, P, PA, RGBA, RGBX, CMYK, YCbCr; raises for unsupported modes
 
 
-def load_image(path: Path) -> bytes:
-    """Verified image bytes to store: RGB JPEG/PNG as-is, anything else converted to RGB and re-encoded as PNG."""
+def load_image(path: Path) -> tuple[bytes, str]:
+    """(bytes to store, sha256 of the file): RGB JPEG/PNG as-is, anything else converted to RGB and re-encoded
+    as PNG. The file's digest is what the train800val200 check matches copies by."""
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         im.verify()  # structural check; the image must be reopened after verify
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # full decode: catches truncated / corrupt pixel data
         if im.mode == "RGB" and im.format in PASSTHROUGH_FORMATS:
-            return data
+            return data, hashlib.sha256(data).hexdigest()
         rgb = to_rgb(im)
         buf = io.BytesIO()
         rgb.save(buf, format="PNG", compress_level=6)
-        return buf.getvalue()
+        return buf.getvalue(), hashlib.sha256(data).hexdigest()
 
 
-def _check_image(path: Path) -> tuple[bytes | None, str | None]:
+def pixel_digest(data: bytes) -> str:
+    """Digest of the decoded RGB pixels and size: equal for the same picture stored in other bytes (metadata,
+    another lossless format)."""
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = to_rgb(im)
+        return hashlib.sha256(repr(rgb.size).encode() + rgb.tobytes()).hexdigest()
+
+
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _check_image(path: Path) -> tuple[bytes | None, str | None, str | None]:
+    """(stored bytes, file digest, None) or (None, None, reason)."""
     if not path.is_file():
-        return None, f"image not found: {path}"
+        return None, None, f"image not found: {path}"
     try:
-        return load_image(path), None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return None, f"unreadable or unconvertible image {path.name} ({type(err).__name__}: {err})"
+        return (*load_image(path), None)
+    except _IMAGE_ERRORS as err:
+        return None, None, f"unreadable or unconvertible image {path.name} ({type(err).__name__}: {err})"
 
 
 # ------------------------------------------------------------------------------------------ list files
@@ -197,7 +176,7 @@ class _Entry:
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, text) for non-blank lines; CRLF and a UTF-8 BOM are accepted."""
+    """(1-based line number, text) for non-blank lines; CRLF, CR, a UTF-8 BOM and blank lines are accepted."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -206,13 +185,17 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _parse_line(text: str) -> tuple[str, int] | str:
-    """(path, label) or the reason the line is bad."""
+    """(path, label) or the reason the line is bad. The label is the last field; a path may hold spaces
+    (`images/my cat.jpg 3`), and runs of spaces or tabs between fields are one separator."""
     fields = text.split()
-    if len(fields) != 2:
+    if len(fields) < 2:
         return f"expected '<image path> <label>' (2 fields), got {len(fields)}: {text!r}"
-    rel, label_text = fields
+    label_text = fields[-1]
     if not _INT.match(label_text):
+        if len(fields) > 2:
+            return f"expected '<image path> <label>' (2 fields), got {len(fields)}: {text!r}"
         return f"label {label_text!r} is not an integer"
+    rel = text.rsplit(None, 1)[0].strip()
     label = int(label_text)
     if label < 0:
         return f"negative label {label}"
@@ -238,20 +221,55 @@ class _Collector:
         self.bad.append(bad)
 
 
+def class_count_override(num_classes: Mapping[str, int] | None, task: str) -> int | None:
+    """prepare.num_classes for `task`, found under any of its spellings; None when not given."""
+    for name in task_spellings(task):
+        if num_classes and name in num_classes:
+            return int(num_classes[name])
+    return None
+
+
+def _label_rule(name: str, entries: Sequence[_Entry], override: int | None) -> tuple[int, Callable[[int], str]]:
+    """(class count K, reason for a label >= K). Known VTAB task: K from the standard table; another task: the
+    labels must be 0..K-1 with every class in train800, so K is the first class id train800 lacks. A count
+    in prepare.num_classes wins over both."""
+    if override is not None:
+        return override, lambda label: f"label {label} beyond prepare.num_classes[{name}] = {override}"
+    if name in VTAB_NUM_CLASSES:
+        k = VTAB_NUM_CLASSES[name]
+        return k, lambda label: f"label {label} beyond the {k} classes of {name}"
+    train_labels = {e.label for e in entries if e.split == "train"}
+    k = 0
+    while k in train_labels:
+        k += 1
+    train_file = LIST_FILES["train"]
+
+    ids = f"0..{k - 1}" if k else "(none)"
+
+    def reason(label: int) -> str:
+        return (f"label {label} breaks the class ids {ids} of task {name} (unknown to VTAB, so its classes are "
+                f"0..K-1, each with an image in {train_file}; {train_file} has no class {k}); set "
+                f"prepare.num_classes.{name} if the count is right")
+
+    return k, reason
+
+
 def read_vtab_task(
     root: str | Path,
     task: str,
     on_bad_line: OnBadLine = "error",
     progress: bool = True,
     workers: int = 8,
+    num_classes: Mapping[str, int] | None = None,
 ) -> VtabTask:
-    """Read and check one VTAB-1k task folder. Raises DataError at the first bad line unless on_bad_line='skip'."""
+    """Read and check one VTAB-1k task folder. Raises DataError at the first bad line unless on_bad_line='skip'.
+
+    `num_classes` maps task names (any spelling) to class counts that override the inferred one."""
     folder = find_task_folder(root, task)
     name = canonical_task_name(task)
-    known_classes = VTAB_NUM_CLASSES.get(name)
     bad = _Collector(on_bad_line)
 
-    entries: list[_Entry] = []
+    parsed: list[_Entry] = []
     seen: dict[str, tuple[str, int]] = {}
     for split, fname in LIST_FILES.items():
         list_path = folder / fname
@@ -261,72 +279,217 @@ def read_vtab_task(
         if not lines:
             raise DataError(f"{list_path}:1: empty list file (no '<image path> <label>' lines)")
         for lineno, text in lines:
-            parsed = _parse_line(text)
-            if isinstance(parsed, str):
-                bad(str(list_path), lineno, parsed)
+            result = _parse_line(text)
+            if isinstance(result, str):
+                bad(str(list_path), lineno, result)
                 continue
-            rel, label = parsed
+            rel, label = result
             if rel in seen:
                 first_file, first_line = seen[rel]
                 where = f"line {first_line}" if first_file == str(list_path) else f"{first_file}:{first_line}"
                 bad(str(list_path), lineno, f"duplicate path {rel} (first listed at {where})")
                 continue
-            if known_classes is not None and label >= known_classes:
-                bad(str(list_path), lineno, f"label {label} beyond the {known_classes} classes of {name}")
-                continue
             seen[rel] = (str(list_path), lineno)
-            entries.append(_Entry(split, str(list_path), lineno, rel, label))
+            parsed.append(_Entry(split, str(list_path), lineno, rel, label))
+
+    k, beyond = _label_rule(name, parsed, class_count_override(num_classes, task))
+    entries: list[_Entry] = []
+    for e in parsed:
+        if e.label >= k:
+            bad(e.file, e.line, beyond(e.label))
+        else:
+            entries.append(e)
 
     # Decoding dominates; PIL releases the GIL, so threads overlap it. Results stay in list order.
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = pool.map(lambda e: _check_image(folder / e.path), entries)
         checked = list(tqdm(results, total=len(entries), desc=f"import {name}", unit="img",
                             disable=not progress, leave=False))
-    kept: list[tuple[_Entry, bytes]] = []
-    for entry, (data, reason) in zip(entries, checked):
+    kept: list[tuple[_Entry, bytes, str]] = []
+    for entry, (data, digest, reason) in zip(entries, checked):
         if reason is not None:
             bad(entry.file, entry.line, reason)
         else:
-            kept.append((entry, data))
+            kept.append((entry, data, digest))
 
     for split, fname in LIST_FILES.items():
-        if not any(e.split == split for e, _ in kept):
+        if not any(e.split == split for e, _, _ in kept):
             raise DataError(f"{folder / fname}: no valid lines left after skipping {len(bad.bad)} bad line(s)")
-    num_classes = known_classes if known_classes is not None else max(e.label for e, _ in kept) + 1
-    warnings = _check_union(folder, entries, on_bad_line)
+    union = check_union(folder, [(e, d, h) for e, d, h in kept if e.split in ("train", "val")])
     return VtabTask(
         name=name,
         folder=folder,
-        images=[d for _, d in kept],
-        labels=np.array([e.label for e, _ in kept], dtype=np.int64),
-        splits=[e.split for e, _ in kept],
-        paths=[e.path for e, _ in kept],
-        num_classes=num_classes,
+        images=[d for _, d, _ in kept],
+        labels=np.array([e.label for e, _, _ in kept], dtype=np.int64),
+        splits=[e.split for e, _, _ in kept],
+        paths=[e.path for e, _, _ in kept],
+        num_classes=k,
         skipped=bad.bad,
-        warnings=warnings,
+        warnings=union.warnings,
+        union=union.summary(),
     )
 
 
-def _check_union(folder: Path, entries: Sequence[_Entry], on_bad_line: OnBadLine) -> list[BadLine]:
-    """train800val200.txt, when present, must list exactly train800 ∪ val200 (same paths and labels)."""
+# ------------------------------------------------------------------------------------ train800val200
+
+
+@dataclass
+class UnionCheck:
+    """How train800val200.txt compares with train800 ∪ val200: per-line warnings and how lines were matched."""
+
+    warnings: list[BadLine] = field(default_factory=list)
+    lines: int = 0
+    by_path: int = 0  # names a train800/val200 file with its label (the layout that reuses the files)
+    by_bytes: int = 0  # a copy with the same file bytes and label (NOAH's get_vtab1k.py layout)
+    by_pixels: int = 0  # a copy with the same decoded pixels and label
+    unmatched: int = 0  # no same-content image: checked by count and label multiset only
+    present: bool = True
+
+    def summary(self) -> dict[str, Any]:
+        if not self.present:
+            return {"present": False}
+        return {"present": True, "lines": self.lines, "matched_by_path": self.by_path,
+                "matched_by_bytes": self.by_bytes, "matched_by_pixels": self.by_pixels,
+                "unmatched": self.unmatched, "warnings": len(self.warnings)}
+
+
+def check_union(folder: Path, trainval: Sequence[tuple[_Entry, bytes, str]]) -> UnionCheck:
+    """Compare train800val200.txt (when present) with the kept train800 + val200 lines; never raises.
+
+    NOAH's get_vtab1k.py writes the union as renumbered copies (`images/train800val200/000000.jpg`), so a line
+    is matched by its path when it names a train800/val200 file, else by the content of the image it names
+    (file bytes, then decoded pixels) and its label. Each image matches at most one line. A real
+    disagreement is a warning naming file:line: an image whose label differs from the same image's in
+    train800/val200, a line whose image is missing or unreadable, a line whose content matches nothing (when
+    other lines did match, so matching works for this folder), another line count; and when no line matched
+    by content (copies re-encoded), labels whose counts differ. The union is never stored:
+    the stored train and val splits are the two list files themselves."""
     path = folder / UNION_FILE
     if not path.is_file():
-        return []
-    issues = _Collector(on_bad_line)
-    expected = {(e.path, e.label): e for e in entries if e.split in ("train", "val")}
-    listed: set[tuple[str, int]] = set()
-    for lineno, text in _read_lines(path):
+        return UnionCheck(present=False)
+    out = UnionCheck()
+    file = str(path)
+
+    def warn(line: int, reason: str) -> None:
+        out.warnings.append(BadLine(file, line, reason))
+
+    lines = _read_lines(path)
+    out.lines = len(lines)
+    listed: list[tuple[int, tuple[str, int]]] = []
+    for lineno, text in lines:
         parsed = _parse_line(text)
         if isinstance(parsed, str):
-            issues(str(path), lineno, parsed)
-        elif parsed not in expected:
-            issues(str(path), lineno, f"{parsed[0]} {parsed[1]} is not in {LIST_FILES['train']} or {LIST_FILES['val']}")
+            warn(lineno, parsed)
         else:
-            listed.add(parsed)
-    for key, e in expected.items():
-        if key not in listed:
-            issues(e.file, e.line, f"{e.path} {e.label} is missing from {UNION_FILE}")
-    return issues.bad
+            listed.append((lineno, parsed))
+    free: dict[int, tuple[_Entry, bytes, str]] = dict(enumerate(trainval))
+    index_of_path = {e.path: i for i, (e, _, _) in enumerate(trainval)}
+
+    pending: list[tuple[int, str, int]] = []
+    for lineno, (rel, label) in listed:
+        i = index_of_path.get(rel)
+        if i is None:
+            pending.append((lineno, rel, label))
+        elif (e := trainval[i][0]).label != label:
+            warn(lineno, f"{rel} labelled {label} here but {e.label} at {e.file}:{e.line}")
+            free.pop(i, None)
+        elif free.pop(i, None) is not None:
+            out.by_path += 1
+        else:
+            warn(lineno, f"{rel} listed twice")
+
+    unmatched = _match_copies(folder, pending, free, out, warn)
+    out.unmatched = len(unmatched)
+    listed_count = _listed_count(folder)
+    if len(listed) != listed_count:
+        warn(lines[-1][0] if lines else 1, f"lists {len(listed)} images; {LIST_FILES['train']} + "
+                                           f"{LIST_FILES['val']} list {listed_count}")
+    if not unmatched:
+        return out
+    if out.by_path or out.by_bytes or out.by_pixels:  # content matching works here: a miss is a real one
+        for lineno, rel, label in unmatched:
+            warn(lineno, f"{rel} {label}: no image with this content and label in "
+                         f"{LIST_FILES['train']} or {LIST_FILES['val']}")
+        return out
+    # Nothing matched by content (copies re-encoded?): what is left can only be compared by its labels.
+    have = Counter(label for _, _, label in unmatched)
+    want = Counter(e.label for e, _, _ in free.values())
+    if have != want:
+        first = next((lineno for lineno, _, label in unmatched if have[label] > want[label]), unmatched[-1][0])
+        diff = [(c, have[c], want[c]) for c in sorted(set(have) | set(want)) if have[c] != want[c]]
+        shown = ", ".join(f"class {c}: {h} here, {w} there" for c, h, w in diff[:5])
+        warn(first, f"label counts differ from {LIST_FILES['train']} + {LIST_FILES['val']} ({shown}"
+                    f"{', ...' if len(diff) > 5 else ''}); no line matched an image by content")
+    return out
+
+
+def _listed_count(folder: Path) -> int:
+    """Non-blank lines of train800.txt + val200.txt as written (dropped bad lines included)."""
+    return sum(len(_read_lines(folder / LIST_FILES[s])) for s in ("train", "val"))
+
+
+def _match_copies(folder: Path, pending: list[tuple[int, str, int]], free: dict[int, tuple[_Entry, bytes, str]],
+                  out: UnionCheck, warn: Callable[[int, str], None]) -> list[tuple[int, str, int]]:
+    """Match union lines naming copies to free train800/val200 images by file bytes, then by decoded pixels;
+    the lines left unmatched."""
+    if not pending:
+        return []
+    by_digest: dict[str, list[int]] = defaultdict(list)
+    for i, (_, _, digest) in free.items():
+        by_digest[digest].append(i)
+    raw: dict[int, bytes] = {}
+    left = []
+    for lineno, rel, label in pending:
+        target = folder / rel
+        try:
+            data = target.read_bytes()
+        except OSError:
+            warn(lineno, f"image not found: {target}")
+            continue
+        i = _take(by_digest.get(hashlib.sha256(data).hexdigest(), []), free, label)
+        if isinstance(i, int):
+            out.by_bytes += 1
+            continue
+        if i is not None:  # same bytes, other label
+            warn(lineno, f"{rel} labelled {label} here but {i.label} at {i.file}:{i.line} (same image)")
+            continue
+        raw[lineno] = data
+        left.append((lineno, rel, label))
+    if not left or not free:
+        return left
+
+    by_pixels: dict[str, list[int]] = defaultdict(list)
+    for i, (_, data, _) in free.items():
+        by_pixels[pixel_digest(data)].append(i)
+    unmatched = []
+    for lineno, rel, label in left:
+        try:
+            digest = pixel_digest(raw[lineno])
+        except _IMAGE_ERRORS as err:
+            warn(lineno, f"unreadable image {rel} ({type(err).__name__}: {err})")
+            continue
+        i = _take(by_pixels.get(digest, []), free, label)
+        if isinstance(i, int):
+            out.by_pixels += 1
+        elif i is not None:
+            warn(lineno, f"{rel} labelled {label} here but {i.label} at {i.file}:{i.line} (same pixels)")
+        else:
+            unmatched.append((lineno, rel, label))
+    return unmatched
+
+
+def _take(candidates: list[int], free: dict[int, tuple[_Entry, bytes, str]], label: int) -> int | _Entry | None:
+    """Claim a free candidate with `label` (its index); else the entry of a free candidate with another label;
+    else None."""
+    other = None
+    for i in candidates:
+        if i not in free:
+            continue
+        if free[i][0].label == label:
+            free.pop(i)
+            return i
+        other = other or free[i][0]
+    return other
 
 
 def import_vtab(
@@ -335,11 +498,12 @@ def import_vtab(
     out_root: str | Path,
     on_bad_line: OnBadLine = "error",
     progress: bool = True,
+    num_classes: Mapping[str, int] | None = None,
 ) -> list[ImportReport]:
     """Import each task into `<out_root>/<canonical name>/` (Parquet + manifest); one report per task."""
     reports = []
     for task in tasks:
-        t = read_vtab_task(root, task, on_bad_line, progress)
+        t = read_vtab_task(root, task, on_bad_line, progress, num_classes=num_classes)
         write_task(
             out_root,
             t.name,
@@ -349,7 +513,9 @@ def import_vtab(
             t.num_classes,
             source="vtab",
             paths=t.paths,
-            extra={"vtab_folder": str(t.folder), "skipped": [str(b) for b in t.skipped]},
+            extra={"vtab_folder": str(t.folder), "skipped": [str(b) for b in t.skipped],
+                   "train800val200": t.union},
         )
-        reports.append(ImportReport(t.name, str(t.folder), t.num_classes, t.counts(), t.skipped, t.warnings))
+        reports.append(ImportReport(t.name, str(t.folder), t.num_classes, t.counts(), t.skipped, t.warnings,
+                                    t.union))
     return reports

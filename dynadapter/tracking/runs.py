@@ -45,12 +45,29 @@ def pipeline_id_for(params: Any = None, project_root: str | Path = ".") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# MLflow 3's UI opens an experiment on its GenAI (traces) view unless this tag says otherwise; the values are
+# the UI's ExperimentKind enum (mlflow/server/js: "custom_model_development" = the training-runs view).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created if needed, tagged so the UI opens on training runs (a kind a user set on
+    an existing experiment is left alone)."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created by a concurrent stage / worker in between
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version of this code
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException:  # created by a concurrent stage / worker in between

@@ -9,7 +9,15 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from dynadapter.config import BaseSection, HeadsConfig, ModelConfig, SparsityConfig
+from dynadapter.config import (
+    BaseSection,
+    HeadsConfig,
+    LoRAConfig,
+    ModelConfig,
+    PetlConfig,
+    RepAdapterConfig,
+    SparsityConfig,
+)
 from dynadapter.inference import measure_stage_costs
 from dynadapter.models import (
     CheckpointError,
@@ -134,6 +142,41 @@ def test_merge_equivalence_and_cost(method, merged, mergeable, early_exit):
     # the branch must have mattered, or the equivalence above proves nothing
     fresh = tiny_model(method, early_exit=early_exit).eval()
     assert not torch.allclose(fresh(x)[-1], before[-1], atol=1e-3)
+
+
+SCALED_MERGE_CASES = [
+    # PETL config with a branch scale other than 1 (the defaults hide a merge that forgets the scale)
+    PetlConfig(method="lora", lora=LoRAConfig(rank=4, alpha=8.0)),  # scaling alpha / rank = 2
+    PetlConfig(method="lora", lora=LoRAConfig(rank=2, alpha=1.0)),  # 0.5
+    PetlConfig(method="rep_adapter", rep_adapter=RepAdapterConfig(dim=4, scale=0.5)),
+    PetlConfig(method="rep_adapter", rep_adapter=RepAdapterConfig(dim=8, scale=3.0)),
+]
+
+
+@pytest.mark.parametrize("petl", SCALED_MERGE_CASES, ids=lambda c: f"{c.method}-{c.model_dump()[c.method]}")
+def test_merge_keeps_a_non_default_branch_scale(petl):
+    def build():
+        torch.manual_seed(0)
+        return build_model(backbone_cfg(), ModelConfig(petl=petl), num_classes=5).eval()
+
+    model = build()
+    # the same branch weights at scale 1: the scale really changes the function, or equality proves nothing
+    unit_cfg = {"lora": LoRAConfig(rank=petl.lora.rank, alpha=petl.lora.rank),
+                "rep_adapter": RepAdapterConfig(dim=petl.rep_adapter.dim, scale=1.0)}[petl.method]
+    torch.manual_seed(0)
+    unit = build_model(backbone_cfg(), ModelConfig(petl=petl.model_copy(update={petl.method: unit_cfg})),
+                       num_classes=5).eval()
+    randomize_petl(model, std=0.1)
+    unit.load_state_dict(model.state_dict())
+    x = images(6, seed=1)
+    with torch.no_grad():
+        before = model(x)
+        assert (before[-1] - unit(x)[-1]).abs().max() > 1e-2
+        assert merge_petl(model) > 0
+        assert not any(isinstance(m, PetlModule) for m in model.modules())
+        after = model(x)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ heads and exit lists

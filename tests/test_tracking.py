@@ -43,6 +43,7 @@ from dynadapter.tracking import (  # noqa: E402
     task_run,
 )
 from helpers import backbone_cfg, one_thread, randomize_petl, sharpen_heads  # noqa: E402, F401
+from registry_models import logged_model, predicted  # noqa: E402
 
 TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
 NUM_CLASSES = 3
@@ -296,12 +297,7 @@ PROMOTION_CASES = [  # (champion before: (accuracy, MACs) or None, candidate, pr
     ((0.80, 100.0), (0.80, 100.0), False),  # full tie: the incumbent stays
     ((0.80, 100.0), (0.80, 110.0), False),
 ]
-
-
-def _fake_model(client, experiment_id: str) -> tuple[str, str]:
-    """A run and a model URI to register (promotion never opens the model)."""
-    run = client.create_run(experiment_id)
-    return run.info.run_id, f"{run.info.artifact_uri}/model"
+OLD, NEW = 1.0, 2.0  # what the incumbent's and the candidate's logged models answer
 
 
 @pytest.fixture(scope="module")
@@ -313,10 +309,10 @@ def exp_id(client):
 def test_promotion(client, exp_id, i, before, candidate, promoted):
     name = f"promo-{i}"
     if before is not None:
-        run_id, uri = _fake_model(client, exp_id)
+        run_id, uri = logged_model(client, exp_id, OLD)
         assert promote(client, name, uri, run_id=run_id, test_accuracy=before[0], macs=before[1]).promoted
     old = client.get_model_version_by_alias(name, CHAMPION).version if before else None
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, NEW)
 
     first = promote(client, name, uri, run_id=run_id, test_accuracy=candidate[0], macs=candidate[1], budget=0.5)
     assert first.created and first.promoted is promoted
@@ -329,6 +325,8 @@ def test_promotion(client, exp_id, i, before, candidate, promoted):
     if before:
         assert float(version.tags["dynadapter.previous_champion_test_accuracy"]) == before[0]
     assert first.reason in version.description
+    # the alias serves the logged model of the version it names: the candidate's if promoted, else the old one's
+    assert predicted(f"models:/{name}@{CHAMPION}") == (NEW if promoted else OLD)
 
     # the same run again: no new version, nothing changes
     count = len(client.search_model_versions(f"name = '{name}'"))
@@ -342,9 +340,9 @@ def test_promotion(client, exp_id, i, before, candidate, promoted):
 @pytest.mark.parametrize("stopped_after", ["register", "alias"])
 def test_interrupted_promotion_is_completed_by_a_rerun(client, exp_id, stopped_after):
     name = f"promo-interrupted-{stopped_after}"
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, 0.5)
     promote(client, name, uri, run_id=run_id, test_accuracy=0.5, macs=100.0)
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, 0.9)
     # what an interrupted call leaves: the version with its figures, maybe the alias, no decision
     client.create_model_version(name, uri, run_id=run_id, tags={
         TAG_MODEL_URI: uri, "dynadapter.test_accuracy": "0.9", "dynadapter.macs": "100.0"})
@@ -359,3 +357,4 @@ def test_interrupted_promotion_is_completed_by_a_rerun(client, exp_id, stopped_a
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
     tags = client.get_model_version(name, pending).tags
     assert tags[V_DECISION] == "promoted" and "0.5" in tags["dynadapter.reason"]
+    assert predicted(f"models:/{name}@{CHAMPION}") == 0.9

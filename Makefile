@@ -16,7 +16,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: repro test bench backbone install clean-venv
+.PHONY: repro test bench backbone mutate install clean-venv
 
 install: $(STAMP)
 
@@ -42,6 +42,19 @@ backbone: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Mutation testing (docs/testing.md), not part of `make test`: run it when dynadapter/inference, dynadapter/models,
+# train/sparsity.py or train/losses.py change. Config: [tool.mutmut] in pyproject.toml. Resumable: mutmut
+# keeps its results in mutants/ and retests only what changed; `rm -rf mutants` for a clean run.
+MUTATE_STAMP := $(VENV)/.installed-mutate
+
+$(MUTATE_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,mutate]'
+	@touch $(MUTATE_STAMP)
+
+mutate: $(MUTATE_STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run $(MUTATE_ARGS)
+	$(BIN)/mutmut results
 
 clean-venv:
 	rm -rf $(VENV)

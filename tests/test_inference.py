@@ -396,6 +396,44 @@ def test_larger_budget_never_less_accurate(kind, seed, costs):
     assert accs[-1] > accs[0]
 
 
+BEST_CASES = [
+    # correct counts, mean MACs, limit, expected index: the most accurate within the limit, ties to the cheapest
+    ([5, 7, 7, 3], [1.0, 5.0, 3.0, 2.0], 10.0, 2),  # two equally accurate: the cheaper one, not the first
+    ([5, 7, 7, 3], [1.0, 3.0, 5.0, 2.0], 10.0, 1),  # ... whatever their order
+    ([4, 6, 6, 6], [1.0, 4.0, 2.5, 2.5], 10.0, 2),  # equal accuracy and cost: the first of them
+    ([5, 7, 9], [1.0, 3.0, 5.0], 3.0, 1),  # a cost exactly equal to the limit is within it
+    ([5, 7, 9], [1.0, 3.0, 5.0], 2.999, 0),
+    ([5, 7, 9], [1.0, 3.0, 5.0], 0.5, None),  # nothing fits
+]
+
+
+@pytest.mark.parametrize("counts,macs,limit,expected", BEST_CASES)
+def test_best_setting_within_limit_ties_to_cheapest(counts, macs, limit, expected):
+    from dynadapter.inference.calibrate import _best
+
+    assert _best(np.array(counts), np.array(macs), limit) == expected
+
+
+def test_calibration_allows_a_cost_exactly_at_the_budget():
+    """Two exits costing 4 and 8 MACs (full depth 8). Samples 0-1 are right at exit 0 and the most confident
+    there; 2-3 are right only at exit 1. Letting exactly 0-1 leave early is the only perfect setting and costs
+    (4 + 4 + 8 + 8) / 4 = 6 MACs = 0.75 of full depth: a budget of 0.75 must afford it, one just below must not."""
+    costs = StageCosts(embed=0, stages=[4, 4], heads=[0, 0], exits=[1, 2])
+    labels = torch.tensor([0, 0, 0, 0])
+    right, wrong = [3.0, 0.0], [0.0, 3.0]
+    first = torch.tensor([[4.0, 0.0], [3.5, 0.0], wrong, [0.0, 2.0]])  # confidences 0.98, 0.97, 0.95, 0.88
+    last = torch.tensor([right] * 4)
+    logits = torch.stack([first, last])
+    for kind in CONFIDENCES:
+        conf = confidence_score(first, kind)
+        assert conf[0] > conf[1] > conf[2:].max()  # 0 and 1 lead, so one threshold can let exactly them go
+        cal = calibrate(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=0.75, confidence=kind)
+        assert cal.feasible and cal.val_accuracy == 1.0 and cal.val_macs == 6.0 and cal.fraction == 0.75
+        assert simulate(logits, labels, cal.thresholds, costs, kind).exit_index.tolist() == [0, 0, 1, 1]
+        below = calibrate(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=0.7499, confidence=kind)
+        assert below.val_macs <= 0.7499 * 8 and below.val_accuracy == 0.75
+
+
 def _dominates(a, b) -> bool:
     return a.macs <= b.macs and a.accuracy >= b.accuracy and (a.macs < b.macs or a.accuracy > b.accuracy)
 
@@ -470,7 +508,6 @@ def test_dynamic_vs_full_and_batched_runs(kind):
     finally:
         del model.forward_dynamic
     assert model.training
-    assert cmp.dynamic_images_per_s > 0 and cmp.full_images_per_s > 0
     assert cmp.speedup == pytest.approx(cmp.dynamic_images_per_s / cmp.full_images_per_s)
     assert cmp.batch_size == 13
     assert len(outputs) == 2 + 1 + 1  # timed, warm-up, and the exit count
@@ -486,6 +523,28 @@ def test_dynamic_vs_full_and_batched_runs(kind):
     torch.testing.assert_close(full_depth_forward(model, x), exit_logits[-1], atol=1e-5, rtol=1e-5)
     empty_preds, empty_exits = run_dynamic(model, x[:0], th)
     assert empty_preds.numel() == 0 and empty_exits.numel() == 0
+
+
+SPEEDUP_CASES = [
+    # thresholds, exit every sample takes; the MACs-implied speed-up limit is full depth / executed MACs
+    ([0.0] * 4, 0),  # everybody leaves after 2 of 8 blocks: well over 2x fewer MACs, so it must run faster
+    ([2.0] * 4, 3),  # nobody leaves early: every exit head runs too, so it cannot be faster than full depth
+]
+
+
+@pytest.mark.parametrize("thresholds,exit_taken", SPEEDUP_CASES)
+def test_measured_speedup_is_consistent_with_the_exit_histogram(thresholds, exit_taken):
+    model = tiny_model("adapter", num_classes=5, depth=8).eval()  # exits after blocks 2, 4, 6 and 8
+    costs = measure_stage_costs(model)
+    cum, base = costs.cumulative(), costs.full_depth_baseline()
+    cmp = dynamic_vs_full(model, images(64, seed=5), thresholds, repeats=5, warmup=1)
+    assert cmp.exit_fraction[exit_taken] == 1.0
+    limit = base / sum(f * c for f, c in zip(cmp.exit_fraction, cum))
+    assert cmp.speedup < 1.5 * limit, (cmp, limit)  # timing noise aside, skipped MACs bound the gain
+    if exit_taken == 0:
+        assert limit > 2.5 and cmp.speedup > 1.2, (cmp, limit)
+    else:
+        assert limit < 1.0
 
 
 def test_curve_at_budgets_fills_budgets_whose_point_was_deduplicated():

@@ -9,7 +9,15 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from dynadapter.config import BaseSection, HeadsConfig, ModelConfig, SparsityConfig
+from dynadapter.config import (
+    BaseSection,
+    HeadsConfig,
+    LoRAConfig,
+    ModelConfig,
+    PetlConfig,
+    RepAdapterConfig,
+    SparsityConfig,
+)
 from dynadapter.inference import measure_stage_costs
 from dynadapter.models import (
     CheckpointError,
@@ -134,6 +142,70 @@ def test_merge_equivalence_and_cost(method, merged, mergeable, early_exit):
     # the branch must have mattered, or the equivalence above proves nothing
     fresh = tiny_model(method, early_exit=early_exit).eval()
     assert not torch.allclose(fresh(x)[-1], before[-1], atol=1e-3)
+
+
+SCALED_MERGE_CASES = [
+    # PETL config with a branch scale other than 1 (the defaults hide a merge that forgets the scale), qkv bias
+    (PetlConfig(method="lora", lora=LoRAConfig(rank=4, alpha=8.0)), True),  # scaling alpha / rank = 2
+    (PetlConfig(method="lora", lora=LoRAConfig(rank=2, alpha=1.0)), False),  # 0.5
+    (PetlConfig(method="rep_adapter", rep_adapter=RepAdapterConfig(dim=4, scale=0.5)), True),
+    (PetlConfig(method="rep_adapter", rep_adapter=RepAdapterConfig(dim=8, scale=3.0)), False),
+]
+
+
+@pytest.mark.parametrize("petl,qkv_bias", SCALED_MERGE_CASES,
+                         ids=lambda c: f"{c.method}-{c.model_dump()[c.method]}" if isinstance(c, PetlConfig) else f"qkv_bias={c}")
+def test_merge_keeps_a_non_default_branch_scale(petl, qkv_bias):
+    def build(cfg: PetlConfig) -> DynAdapterViT:
+        torch.manual_seed(0)
+        return build_model(backbone_cfg(qkv_bias=qkv_bias), ModelConfig(petl=cfg), num_classes=5).eval()
+
+    model = build(petl)
+    # the same branch weights at scale 1: the scale really changes the function, or equality proves nothing
+    unit_cfg = {"lora": LoRAConfig(rank=petl.lora.rank, alpha=petl.lora.rank),
+                "rep_adapter": RepAdapterConfig(dim=petl.rep_adapter.dim, scale=1.0)}[petl.method]
+    unit = build(petl.model_copy(update={petl.method: unit_cfg}))
+    randomize_petl(model, std=0.1)
+    with torch.no_grad():  # timm starts every bias at zero: a merge that drops or flips the frozen bias would pass
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.backbone.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    assert (model.backbone.blocks[0].attn.qkv.base.bias is not None) == qkv_bias
+    unit.load_state_dict(model.state_dict())
+    x = images(6, seed=1)
+    with torch.no_grad():
+        before = model(x)
+        assert (before[-1] - unit(x)[-1]).abs().max() > 1e-2
+        assert merge_petl(model) > 0
+        assert not any(isinstance(m, PetlModule) for m in model.modules())
+        after = model(x)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "rep_adapter"])
+def test_merge_in_bfloat16_stays_bfloat16(method):
+    model = tiny_model(method).to(torch.bfloat16).eval()
+    randomize_petl(model, std=0.1)
+    x = images(4, seed=2).to(torch.bfloat16)
+    with torch.no_grad():
+        before = model(x)
+        merge_petl(model)
+        after = model(x)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for a, b in zip(before, after):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a.float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("method", PETL_METHODS)
+def test_inject_needs_one_dropout_rate_per_block(method):
+    from dynadapter.models.petl import create_petl
+
+    vit = create_backbone(backbone_cfg())
+    with pytest.raises(ValueError):
+        create_petl(PetlConfig(method=method)).inject(vit, [0.0] * (len(vit.blocks) - 1))
 
 
 # ------------------------------------------------------------------------------------ heads and exit lists

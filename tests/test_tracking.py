@@ -43,6 +43,7 @@ from dynadapter.tracking import (  # noqa: E402
     task_run,
 )
 from helpers import backbone_cfg, one_thread, randomize_petl, sharpen_heads  # noqa: E402, F401
+from registry_models import logged_model, predicted  # noqa: E402
 
 TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
 NUM_CLASSES = 3
@@ -297,12 +298,7 @@ PROMOTION_CASES = [  # (champion before: (val accuracy, val MACs) or None, candi
     ((0.80, 100.0), (0.80, 100.0), False),  # full tie: the incumbent stays
     ((0.80, 100.0), (0.80, 110.0), False),
 ]
-
-
-def _fake_model(client, experiment_id: str) -> tuple[str, str]:
-    """A run and a model URI to register (promotion never opens the model)."""
-    run = client.create_run(experiment_id)
-    return run.info.run_id, f"{run.info.artifact_uri}/model"
+OLD, NEW = 1.0, 2.0  # what the incumbent's and the candidate's logged models answer
 
 
 @pytest.fixture(scope="module")
@@ -314,10 +310,10 @@ def exp_id(client):
 def test_promotion(client, exp_id, i, before, candidate, promoted):
     name = f"promo-{i}"
     if before is not None:
-        run_id, uri = _fake_model(client, exp_id)
+        run_id, uri = logged_model(client, exp_id, OLD)
         assert promote(client, name, uri, run_id=run_id, val_accuracy=before[0], val_macs=before[1]).promoted
     old = client.get_model_version_by_alias(name, CHAMPION).version if before else None
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, NEW)
 
     first = promote(client, name, uri, run_id=run_id, val_accuracy=candidate[0], val_macs=candidate[1],
                     budget=0.5)
@@ -331,6 +327,8 @@ def test_promotion(client, exp_id, i, before, candidate, promoted):
     if before:
         assert float(version.tags["dynadapter.previous_champion_val_accuracy"]) == before[0]
     assert first.reason in version.description
+    # the alias serves the logged model of the version it names: the candidate's if promoted, else the old one's
+    assert predicted(f"models:/{name}@{CHAMPION}") == (NEW if promoted else OLD)
 
     # the same run again: no new version, nothing changes
     count = len(client.search_model_versions(f"name = '{name}'"))
@@ -345,9 +343,9 @@ def test_promotion(client, exp_id, i, before, candidate, promoted):
 @pytest.mark.parametrize("stopped_after", ["register", "alias"])
 def test_interrupted_promotion_is_completed_by_a_rerun(client, exp_id, stopped_after):
     name = f"promo-interrupted-{stopped_after}"
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, 0.5)
     promote(client, name, uri, run_id=run_id, val_accuracy=0.5, val_macs=100.0)
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, 0.9)
     # what an interrupted call leaves: the version with its figures, maybe the alias, no decision
     client.create_model_version(name, uri, run_id=run_id, tags={
         TAG_MODEL_URI: uri, "dynadapter.val_accuracy": "0.9", "dynadapter.val_macs": "100.0"})
@@ -362,6 +360,7 @@ def test_interrupted_promotion_is_completed_by_a_rerun(client, exp_id, stopped_a
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
     tags = client.get_model_version(name, pending).tags
     assert tags[V_DECISION] == "promoted" and "0.5" in tags["dynadapter.reason"]
+    assert predicted(f"models:/{name}@{CHAMPION}") == 0.9
 
 
 @pytest.mark.parametrize("candidate_val,candidate_test,promoted", [
@@ -370,10 +369,10 @@ def test_interrupted_promotion_is_completed_by_a_rerun(client, exp_id, stopped_a
 ])
 def test_promotion_is_decided_on_val_never_on_test(client, exp_id, candidate_val, candidate_test, promoted):
     name = f"promo-val-{candidate_val}"
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, 0.5)
     promote(client, name, uri, run_id=run_id, val_accuracy=0.80, val_macs=100.0, test_accuracy=0.60,
             test_macs=100.0, budget=0.5)
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, 0.5)
     decision = promote(client, name, uri, run_id=run_id, val_accuracy=candidate_val, val_macs=100.0,
                        test_accuracy=candidate_test, test_macs=90.0, budget=0.5)
     assert decision.promoted is promoted and "val accuracy" in decision.reason and "test" not in decision.reason
@@ -386,13 +385,13 @@ def test_promotion_is_decided_on_val_never_on_test(client, exp_id, candidate_val
 
 def test_a_champion_chosen_on_test_by_an_earlier_release_is_replaced(client, exp_id):
     name = "promo-legacy"
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, 0.5)
     client.create_registered_model(name)
     old = client.create_model_version(name, uri, run_id=run_id, tags={
         TAG_MODEL_URI: uri, "dynadapter.test_accuracy": "0.99", "dynadapter.macs": "10.0",
         "dynadapter.decision": "promoted"})
     client.set_registered_model_alias(name, CHAMPION, old.version)
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, 0.5)
     decision = promote(client, name, uri, run_id=run_id, val_accuracy=0.5, val_macs=100.0, test_accuracy=0.4)
     assert decision.promoted and decision.previous_champion == str(old.version)
     assert "chosen on test accuracy" in decision.reason
@@ -407,7 +406,7 @@ CARD = {"task": "count", "backbone": "vit_tiny_patch16_224", "petl": "adapter", 
 
 def test_registered_version_and_model_carry_the_model_card(client, exp_id):
     name = "dynadapter-card"
-    run_id, uri = _fake_model(client, exp_id)
+    run_id, uri = logged_model(client, exp_id, 0.5)
     decision = promote(client, name, uri, run_id=run_id, val_accuracy=0.8125, val_macs=10.0, test_accuracy=0.775,
                        test_macs=10.0, budget=0.5, card=CARD)
     text = client.get_model_version(name, decision.version).description

@@ -277,6 +277,41 @@ def test_gradient_mask_applies_before_post_accumulate_hooks():
     masker.remove()
 
 
+def test_fit_draws_a_fresh_mask_before_every_optimizer_step(monkeypatch):
+    """The loop must resample every step: a mask drawn once and kept would still zero a fraction q."""
+    maskers: list[GradientMasker] = []
+
+    class Recorded(GradientMasker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            maskers.append(self)
+
+    seen: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (masks, gradients) at each step
+
+    class Recording(AdamWStrategy):
+        def step(self):
+            (masker,) = maskers
+            params = masker.params
+            seen.append(([m.clone() for m in masker.masks], [p.grad.clone() for p in params]))
+            super().step()
+
+    monkeypatch.setattr("dynadapter.train.loop.GradientMasker", Recorded)
+    model = tiny_model()
+    cfg = train_cfg(epochs=2, sparsity=SparsityConfig(p_max=0.0, p_min=0.0, q=0.5))
+    fit(model, easy_data(48, 0), None, cfg, strategy=Recording, progress=False)
+    assert len(seen) == 2 * 3  # 48 samples in batches of 16, two epochs
+    for step, (masks, grads) in enumerate(seen):
+        assert all(m is not None for m in masks), step
+        kept = torch.cat([m.flatten() for m in masks]).float().mean().item()
+        assert abs(kept - 0.5) < 0.05, (step, kept)
+        for m, g in zip(masks, grads):  # the gradient the optimizer sees is the masked one
+            assert not g[~m].any()
+    for step in range(1, len(seen)):  # and every step's mask is new
+        before, now = seen[step - 1][0], seen[step][0]
+        same = sum(int((a == b).sum()) for a, b in zip(before, now)) / sum(a.numel() for a in now)
+        assert same < 0.6, (step, same)  # independent draws at q = 0.5 agree on about half the entries
+
+
 # --------------------------------------------------------------------------------------- optimizer and LR
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,7 +21,7 @@ from dynadapter.config import (
     TrainConfig,
     parse_params,
 )
-from dynadapter.models import build_model
+from dynadapter.models import build_model, resolve_exits
 from dynadapter.train import fit, load_checkpoint, trainable_state
 from dynadapter.train.deepspeed import Placement, deepspeed_strategy, ds_config, resolve_placement
 from dynadapter.tune import (
@@ -158,8 +159,26 @@ def test_tune_config_errors_name_the_key(tune, key):
 
 
 def test_params_yaml_has_a_valid_tune_section():
+    """The project's tune section searches something, on tasks it trains, and every corner of its search space
+    (plus random draws) is a valid train section for the project's model."""
     params = parse_params(yaml.safe_load(Path(__file__).parents[1].joinpath("params.yaml").read_text()))
-    assert params.tune.epochs >= 1 and params.tune.search_space.p_max is not None
+    tune_cfg, base = params.tune, params.base
+    assert tune_cfg.tasks is None or set(tune_cfg.tasks) <= set(base.tasks)
+    assert 1 <= tune_cfg.epochs <= params.train.epochs and tune_cfg.num_samples >= 2
+    depth = base.backbone.overrides.get("depth", 12)
+    num_exits = len(resolve_exits(base.model, depth))
+    space = search_space(tune_cfg, num_exits=num_exits)
+    assert {"p_max", "q", "priority_start_0"} <= set(space)  # sparsity ratios and head weights are searched
+    domains = {k: v for k, v in space.items() if hasattr(v, "lower")}
+    assert all(v.lower < v.upper for v in domains.values()), space
+    gen = np.random.default_rng(0)
+    draws = [{k: getattr(v, end) for k, v in domains.items()} for end in ("lower", "upper")]
+    draws += [{k: float(gen.uniform(v.lower, v.upper)) for k, v in domains.items()} for _ in range(5)]
+    for sampled in draws:
+        cfg = apply_overrides_to(params.train, overrides_from(sampled, params.train))
+        assert 0.0 <= cfg.sparsity.p_min <= cfg.sparsity.p_max < 1.0 and 0.0 <= cfg.sparsity.q < 1.0
+        assert len(cfg.priority.start) == num_exits and all(w >= 0 for w in cfg.priority.start)
+        assert cfg.sparsity.p_max == pytest.approx(sampled["p_max"]) and cfg.sparsity.q == pytest.approx(sampled["q"])
 
 
 def test_search_space_maps_to_valid_train_overrides():

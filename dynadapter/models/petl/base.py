@@ -59,13 +59,13 @@ def low_rank_pair(in_dim: int, rank: int, out_dim: int) -> tuple[nn.Linear, nn.L
     return down, up
 
 
-@torch.no_grad()
 def copy_linear(base: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """A frozen nn.Linear with the given weights (used by merges)."""
     out = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    out.weight.copy_(weight)
-    if bias is not None:
-        out.bias.copy_(bias)
+    with torch.no_grad():  # a block, not a decorator: mutmut 3 does not mutate decorated functions
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
     for p in out.parameters():
         p.requires_grad_(False)
     return out

@@ -22,10 +22,10 @@ class LoRALinear(PetlModule):
     def forward(self, h):
         return self.base(h) + self.up(self.down(self.drop(h))) * self.scaling
 
-    @torch.no_grad()
     def merge(self) -> nn.Module:
-        delta = self.up.weight @ self.down.weight * self.scaling
-        return copy_linear(self.base, self.base.weight + delta, self.base.bias)
+        with torch.no_grad():  # a block, not a decorator: mutmut 3 does not mutate decorated functions
+            delta = self.up.weight @ self.down.weight * self.scaling
+            return copy_linear(self.base, self.base.weight + delta, self.base.bias)
 
 
 class LoRA(PetlMethod):

@@ -48,7 +48,8 @@ class DistributedRun:
     """A finished Ray Train run: every rank's final `TrialTrainer.state()` and the metrics reported per epoch."""
 
     states: list[dict[str, Any]]  # index = rank
-    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch's report
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's report, when Ray kept them
     path: str = ""
 
     def trainable_state(self, task: str, rank: int = 0) -> dict[str, torch.Tensor]:
@@ -86,6 +87,10 @@ def train_on_ray(spec, data: Mapping[str, Any], backbone_state: Mapping[str, tor
     with result.checkpoint.as_directory() as d:
         states = [torch.load(Path(d) / f"rank{r}.pt", map_location="cpu", weights_only=True)
                   for r in range(ray_cfg.num_workers)]
-    df = result.metrics_dataframe
+    try:
+        df = result.metrics_dataframe
+    except Exception:  # a run restored from storage may not have its progress file
+        df = None
     history = df.to_dict("records") if df is not None else []
-    return DistributedRun(states=states, history=history, path=str(result.path))
+    return DistributedRun(states=states, metrics=dict(result.metrics or {}), history=history,
+                          path=str(result.path))

@@ -194,11 +194,11 @@ def test_two_workers_train_the_model_one_worker_trains(ray_session, tmp_path, ba
     assert any(k.startswith("heads.") for k in w1) and len(w1) > sum(k.startswith("heads.") for k in w1)  # + PETL
 
     if zero_stage == 2:  # ZeRO-2's per-rank optimizer partitions resume: killed after epoch 1, same weights
-        killed = {"toy": KilledOnce(toy_split(64, 0), toy_split(24, 1), 3, marker=str(tmp_path / "killed"))}
+        killed = {"toy": KilledOnce(toy_split(64, 0), toy_split(24, 1), 3, marker=str(tmp_path / "kill.marker"))}
         resumed = train_on_ray(spec(zero_stage, BATCH // 2), killed,
                                ray_cfg=RayConfig(num_workers=2, cpus_per_worker=0.5), name="killed",
                                max_failures=1, **run)
-        assert (tmp_path / "killed").exists()
+        assert (tmp_path / "kill.marker").exists()  # a worker was killed
         assert resumed.metrics["resumed_from"] == 1 and resumed.metrics["epoch"] == 2
         assert resumed.mask_digests("toy") == masks[0] and resumed.mask_digests("toy", 1) == masks[0]
         rdiff = max_abs_diff(resumed.trainable_state("toy"), w2)

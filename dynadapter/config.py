@@ -242,6 +242,11 @@ class SparsityConfig(Section):
     p_min: float = Field(0.0, ge=0, lt=1, description="Dropout rate at the last stage.")
     backward: bool = Field(True, description="Random masking of trainable gradients each step.")
     q: float = Field(0.1, ge=0, lt=1, description="Fraction of trainable gradient entries zeroed each step.")
+    dropout_stream: Literal["batch", "global"] = Field(
+        "batch", description="Where training dropout draws its masks. batch: from (seed, step) for the global "
+        "batch, each data-parallel rank keeping its rows, so W workers train what 1 worker trains and a resume "
+        "needs no random state (docs/distributed.md). global: torch's process-wide generator (runs before this "
+        "knob existed; ranks then drop different samples than 1 worker would).")
 
     @model_validator(mode="after")
     def _ordered(self) -> SparsityConfig:

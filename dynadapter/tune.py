@@ -58,10 +58,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict
         else:
             from dynadapter.train.deepspeed import free_port
 
+            port = free_port()
+            # The placement-group cleaner finds the State API by auto-detecting the cluster, which fails when
+            # other Ray instances run on the machine ("Found multiple active Ray instances"): name ours. Set
+            # before the start, so the raylet and every worker it spawns inherit it.
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             # "local": a new instance; with address=None Ray would join any `ray start` head on this machine
             with _loopback_node():
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
-                         dashboard_host="127.0.0.1", dashboard_port=free_port())
+                         dashboard_host="127.0.0.1", dashboard_port=port)
     return dict(ray.cluster_resources())
 
 
@@ -229,6 +234,7 @@ class TrialSpec:
     budget: float
     seed: int
     tasks: list[str]
+    record_masks: bool = False  # keep a digest of every step's gradient masks in the state (equivalence checks)
 
 
 class TaskRun:
@@ -244,7 +250,7 @@ class TaskRun:
         from dynadapter.inference import measure_stage_costs
         from dynadapter.models import build_model, create_backbone, merge_petl
         from dynadapter.train.deepspeed import DeepSpeedStrategy
-        from dynadapter.train.loop import _priority_schedule, num_batches
+        from dynadapter.train.loop import _priority_schedule, num_batches, rank_dropout
         from dynadapter.train.sparsity import GradientMasker
 
         self.task, self.data, self.rank, self.world_size = task, data, rank, world_size
@@ -265,8 +271,10 @@ class TaskRun:
                                           DeepSpeedConfig.model_validate(spec.deepspeed))
         self.schedule = _priority_schedule(self.model, self.cfg)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        masker = GradientMasker.from_config(trainable, self.cfg.sparsity, seed=spec.seed + 1)
+        masker = GradientMasker.from_config(trainable, self.cfg.sparsity, seed=spec.seed + 1,
+                                            record=spec.record_masks)
         self.masker = masker if masker.active else None
+        self.dropout = rank_dropout(self.model, self.cfg, spec.seed, rank, world_size)  # as `fit` draws it
         self.shuffle = torch.Generator().manual_seed(spec.seed)
         self.epoch = 0
 
@@ -279,7 +287,7 @@ class TaskRun:
             self.strategy.module, batches, self.strategy, self.schedule,
             global_step=self.epoch * self.steps_per_epoch, total_steps=self.cfg.epochs * self.steps_per_epoch,
             masker=self.masker, distill=self.cfg.distill, temperature=self.cfg.distill_temperature,
-            epoch=self.epoch + 1,
+            epoch=self.epoch + 1, dropout=self.dropout,
         )
         self.epoch += 1
         return metrics
@@ -303,7 +311,8 @@ class TaskRun:
 
         return {"epoch": self.epoch, "model": trainable_state(self.model), "strategy": self.strategy.state_dict(),
                 "shuffle": self.shuffle.get_state(),
-                "masker": self.masker.state_dict() if self.masker is not None else None}
+                "masker": self.masker.state_dict() if self.masker is not None else None,
+                "mask_digests": list(self.masker.digests or []) if self.masker is not None else []}
 
     def load(self, state: Mapping[str, Any]) -> None:
         from dynadapter.train.loop import load_trainable_state
@@ -313,11 +322,15 @@ class TaskRun:
         self.shuffle.set_state(state["shuffle"])
         if self.masker is not None and state["masker"] is not None:
             self.masker.load_state_dict(state["masker"])
+            if self.masker.digests is not None:
+                self.masker.digests[:] = state.get("mask_digests", [])
         self.epoch = int(state["epoch"])
 
     def close(self) -> None:
         if self.masker is not None:
             self.masker.remove()
+        if self.dropout is not None:
+            self.dropout.remove()
         self.strategy.close()
 
 
@@ -396,29 +409,21 @@ def _train_worker(config: dict) -> None:
 def _run_trial(config: dict, *, static: dict) -> None:
     """Tune function trainable: one TorchTrainer (the trial's workers) with this trial's overrides. Its run
     name is the trial id, so a retried trial's TorchTrainer finds the run's checkpoints and resumes."""
-    import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from dynadapter.distributed import torch_trainer
 
     spec = dict(static["spec"])
     train = TrainConfig.model_validate(spec["train"])
     spec["train"] = apply_overrides_to(train, overrides_from(config, train)).model_dump(mode="json")
     res: dict = static["resources"]
-    per_worker = {"CPU": res["worker_cpu"]} | ({"GPU": res["worker_gpu"]} if res["worker_gpu"] else {})
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"spec": spec, "data": static["data"], "backbone": static["backbone"],
-                           "threads": max(1, int(res["worker_cpu"]))},
-        scaling_config=ray.train.ScalingConfig(num_workers=res["num_workers"], use_gpu=bool(res["worker_gpu"]),
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(
-            name=tune.get_context().get_trial_id(),
-            storage_path=static["train_storage"],
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=static["checkpoints_to_keep"]),
-            failure_config=ray.train.FailureConfig(max_failures=static["max_failures"]),
-        ),
+    trainer = torch_trainer(
+        _train_worker, {"spec": spec, "data": static["data"], "backbone": static["backbone"]},
+        num_workers=res["num_workers"], worker_cpu=res["worker_cpu"], worker_gpu=res["worker_gpu"],
+        storage_path=static["train_storage"], name=tune.get_context().get_trial_id(),
+        max_failures=static["max_failures"], checkpoints_to_keep=static["checkpoints_to_keep"],
+        callbacks=[TuneReportCallback()],
     )
     try:
         trainer.fit()

@@ -26,10 +26,11 @@ from dynadapter.train.loop import (
     warmup_cosine,
     warmup_steps_for,
 )
-from dynadapter.train.sparsity import GradientMasker
+from dynadapter.train.sparsity import BatchDropout, GradientMasker
 
 __all__ = [
     "AdamWStrategy",
+    "BatchDropout",
     "CheckpointMismatchError",
     "FitResult",
     "GradientMasker",

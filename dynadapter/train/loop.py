@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dynadapter.atomic import replacing, stale_temporaries
 from dynadapter.config import OptimConfig, TrainConfig
 from dynadapter.train.losses import PrioritySchedule, as_logits_list, multi_exit_loss
-from dynadapter.train.sparsity import GradientMasker
+from dynadapter.train.sparsity import BatchDropout, GradientMasker
 
 DataLike = Union[Dataset, tuple[torch.Tensor, torch.Tensor]]
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
@@ -330,8 +330,11 @@ def run_epoch(
     epoch: int = 0,
     progress: tqdm | None = None,
     objective: Objective | None = None,
+    dropout: BatchDropout | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Train over `batches`; returns (train metrics, global step after the epoch).
+
+    dropout: the model's dropout stream, keyed on the global step before each step (see `BatchDropout`).
 
     The priority weights follow training progress per step, t = global_step / (total_steps - 1), so the first
     step uses `start` and the last one `end`; schedule None weighs every output 1. Metrics: train_loss (the
@@ -348,6 +351,8 @@ def run_epoch(
     for i, batch in enumerate(batches):
         t = global_step / max(1, total_steps - 1)
         weights, lr = (schedule.weights(t) if schedule is not None else None), strategy.lr
+        if dropout is not None:
+            dropout.begin_step(global_step)
         out = train_step(
             model, batch, strategy, weights=weights, masker=masker, distill=distill, temperature=temperature,
             device=device, epoch=epoch, step=i + 1, objective=objective,
@@ -532,6 +537,17 @@ def _priority_schedule(model: nn.Module, cfg: OptimConfig) -> PrioritySchedule |
     return PrioritySchedule.from_config(prio, num_exits)
 
 
+def rank_dropout(model: nn.Module, cfg: OptimConfig, seed: int, rank: int = 0, world_size: int = 1
+                 ) -> BatchDropout | None:
+    """The rank-aware dropout stream `train.sparsity.dropout_stream: batch` asks for (None when the model has
+    no dropout to draw, or for `global` and configs without sparsity: torch's global generator then)."""
+    sparsity = getattr(cfg, "sparsity", None)
+    if sparsity is None or sparsity.dropout_stream != "batch":
+        return None
+    dropout = BatchDropout(model, seed, rank=rank, world_size=world_size)
+    return dropout if dropout.active else None
+
+
 def fit(
     model: nn.Module,
     train: DataLike,
@@ -568,7 +584,9 @@ def fit(
     progress: tqdm bar per epoch; None shows it only on a TTY.
     rank / world_size: data-parallel training (e.g. a DeepSpeed strategy under Ray Train): each rank trains on
       its share of every epoch's shuffled order (all ranks share `seed`); give each rank its own
-      checkpoint_path, as optimizer state may be per rank.
+      checkpoint_path, as optimizer state may be per rank. With `cfg.batch_size` = b/W per rank, a train set
+      whose size W divides, and dropout_stream `batch`, W ranks train the weights 1 rank at batch b trains
+      (up to float summation order; docs/distributed.md).
     objective: (model, x, y) -> (loss, per-output CEs), a training objective replacing the weighted multi-exit
       loss (see `train_step`).
     Raises NonFiniteLossError on a NaN/Inf loss or weights; no checkpoint with non-finite values is written.
@@ -607,6 +625,7 @@ def fit(
         trainable = [p for p in model.parameters() if p.requires_grad]
         masker = GradientMasker.from_config(trainable, cfg.sparsity, seed=seed + 1)
         masker = masker if masker.active else None
+    dropout = rank_dropout(model, cfg, seed, rank, world_size)
 
     def checkpoint(epoch: int, stopped_early: bool) -> None:
         if ckpt_path is None:
@@ -662,6 +681,7 @@ def fit(
                     epoch=e1,
                     progress=bar,
                     objective=objective,
+                    dropout=dropout,
                 )
             finally:
                 bar.close()
@@ -686,6 +706,8 @@ def fit(
     finally:
         if masker is not None:
             masker.remove()
+        if dropout is not None:
+            dropout.remove()
         model.train(was_training)
 
     if best_state is not None:

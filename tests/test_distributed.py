@@ -1,0 +1,206 @@
+"""Two Ray Train workers train the model one worker trains: the same tiny task on 2 gloo ranks at batch b/2
+and on 1 rank at batch b (same seed, ZeRO 0 and 2, forward dropout and backward gradient masks both on) ends
+with the same PETL + head weights, both ranks draw identical gradient masks at every step, and a 2-worker run
+killed after epoch 1 resumes to the same weights. Also the rank-aware dropout stream on its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from dynadapter.config import BackboneConfig, DeepSpeedConfig, ModelConfig, RayConfig, SparsityConfig, TrainConfig
+from dynadapter.models import create_backbone
+from dynadapter.train.sparsity import BatchDropout
+
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread per module)
+
+TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
+BATCH = 16  # the 1-worker batch; 2 workers take 8 each
+TOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------ the dropout stream
+
+
+def test_rank_shards_of_the_dropout_stream_are_the_one_worker_masks():
+    """At a step, rank r's dropout keeps rows r, r+W, ... of the mask 1 worker draws for the whole batch:
+    the rows `iterate_batches` gives rank r. Eval mode and p = 0 draw nothing; remove() restores nn.Dropout."""
+    x = torch.ones(8, 3, 5)
+
+    def masks(rank: int, world: int, step: int) -> torch.Tensor:
+        model = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.0), nn.Dropout(0.3)).train()
+        stream = BatchDropout(model, seed=7, rank=rank, world_size=world)
+        stream.begin_step(step)
+        out = model(x[rank::world])
+        stream.remove()
+        assert all("forward" not in m.__dict__ for m in model)
+        return out
+
+    one = masks(0, 1, step=3)
+    kept = one[one != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (0.5 * 0.7))) and 0 < (one == 0).float().mean() < 1
+    merged = torch.empty_like(one)
+    for r in range(2):
+        merged[r::2] = masks(r, 2, step=3)
+    assert torch.equal(merged, one)
+    assert not torch.equal(masks(0, 1, step=4), one)  # a new step, new masks
+
+    model = nn.Sequential(nn.Dropout(0.5)).eval()
+    stream = BatchDropout(model, seed=7)
+    assert torch.equal(model(x), x)
+    stream.remove()
+
+
+def test_two_simulated_ranks_with_averaged_gradients_train_the_one_rank_model():
+    """The streams alone, without Ray or DeepSpeed: two model copies, each on its `iterate_batches` shard at
+    batch b/2 with its rank's dropout and the shared-seed gradient masks, gradients averaged by hand before
+    each AdamW step, end with the weights one model at batch b gets. (The Ray Train test below is the real
+    thing; this one fails fast and names the stream when a change breaks one.)"""
+    from dynadapter.train.loop import build_optimizer, iterate_batches
+    from dynadapter.train.losses import multi_exit_loss
+    from dynadapter.train.sparsity import GradientMasker
+
+    from helpers import tiny_model
+
+    train = TrainConfig(lr=1e-2, batch_size=BATCH, sparsity=SparsityConfig(p_max=0.3, p_min=0.1, q=0.3))
+    x, y = toy_split(48, 0)
+    models = [tiny_model(num_classes=3, sparsity=train.sparsity, **TINY) for _ in range(3)]  # one, rank 0, rank 1
+    worlds = [(0, 1), (0, 2), (1, 2)]
+    opts = [build_optimizer(m, train) for m in models]
+    drops = [BatchDropout(m, seed=0, rank=r, world_size=w) for m, (r, w) in zip(models, worlds)]
+    maskers = [GradientMasker([p for p in m.parameters() if p.requires_grad], train.sparsity.q, seed=1, record=True)
+               for m in models]
+    step = 0
+    for epoch in range(2):
+        streams = [iterate_batches((x, y), BATCH // w, shuffle=True, rank=r, world_size=w,
+                                   generator=torch.Generator().manual_seed(epoch)) for r, w in worlds]
+        for batches in zip(*streams):
+            assert torch.equal(batches[0][1][0::2], batches[1][1]) and torch.equal(batches[0][1][1::2], batches[2][1])
+            for m, d, mk, (xb, yb) in zip(models, drops, maskers, batches):
+                m.train()
+                d.begin_step(step)
+                mk.resample()
+                multi_exit_loss(m(xb), yb)[0].backward()
+            for p1, p2 in zip((p for p in models[1].parameters() if p.requires_grad),
+                              (p for p in models[2].parameters() if p.requires_grad)):
+                p1.grad = p2.grad = (p1.grad + p2.grad) / 2  # what the all-reduce does
+            for o in opts:
+                o.step()
+                o.zero_grad(set_to_none=True)
+            step += 1
+    assert maskers[0].digests == maskers[1].digests == maskers[2].digests and len(maskers[0].digests) == 6
+    from dynadapter.train import trainable_state
+
+    w = [trainable_state(m) for m in models]
+    assert max_abs_diff(w[1], w[2]) < 1e-6  # one model on both ranks
+    assert max_abs_diff(w[0], w[1]) < TOL
+    assert max_abs_diff(w[0], trainable_state(tiny_model(num_classes=3, sparsity=train.sparsity, **TINY))) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ 2 workers == 1 worker
+
+
+@dataclass
+class Task:
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    num_classes: int
+
+
+class KilledOnce(Task):
+    """Task data whose first reader at the start of epoch 2 kills its worker process (os._exit, no cleanup):
+    the run must come back through Ray Train's FailureConfig from its epoch-1 checkpoint. Once per test,
+    across processes (a marker file)."""
+
+    def __init__(self, train, val, num_classes, marker: str):
+        super().__init__(train, val, num_classes)
+        self.marker, self.reads = marker, 0
+
+    def __getstate__(self):
+        return {**self.__dict__, "reads": 0}
+
+    def __getattribute__(self, name):
+        if name == "train":
+            self.reads += 1  # read 1: steps per epoch; then one read per epoch
+            if self.reads == 3:
+                try:
+                    os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    pass
+                else:
+                    os._exit(9)
+        return super().__getattribute__(name)
+
+
+def toy_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+    x[:, 0] += (y.float() - 1.0)[:, None, None]
+    return x, y
+
+
+def spec(zero_stage: int, batch_size: int):
+    from dynadapter.tune import TrialSpec
+
+    train = TrainConfig(epochs=2, batch_size=batch_size, lr=1e-2, warmup_epochs=0.5,
+                        sparsity=SparsityConfig(p_max=0.3, p_min=0.1, q=0.3))
+    return TrialSpec(backbone=BackboneConfig(overrides=TINY).model_dump(mode="json"),
+                     model=ModelConfig().model_dump(mode="json"), train=train.model_dump(mode="json"),
+                     deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision="fp32").model_dump(mode="json"),
+                     budget=0.5, seed=0, tasks=["toy"], record_masks=True)
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def backbone_state():
+    torch.manual_seed(0)
+    return create_backbone(BackboneConfig(overrides=TINY)).state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_two_workers_train_the_model_one_worker_trains(ray_session, tmp_path, backbone_state, zero_stage):
+    from ray import cloudpickle
+
+    from dynadapter.distributed import train_on_ray
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    data = {"toy": Task(toy_split(64, 0), toy_split(24, 1), 3)}  # 64 = 4 steps of 16 per epoch
+    run = dict(storage_path=tmp_path, backbone_state=backbone_state)
+
+    one = train_on_ray(spec(zero_stage, BATCH), data, ray_cfg=RayConfig(num_workers=1, cpus_per_worker=0.5),
+                       name="one", **run)
+    two = train_on_ray(spec(zero_stage, BATCH // 2), data, ray_cfg=RayConfig(num_workers=2, cpus_per_worker=0.5),
+                       name="two", **run)
+
+    steps = 2 * 64 // BATCH
+    masks = [r.mask_digests("toy", rank) for r, rank in ((one, 0), (two, 0), (two, 1))]
+    assert len(masks[0]) == steps and masks[0] == masks[1] == masks[2]  # every step, every rank, both runs
+    w1, w2 = one.trainable_state("toy"), two.trainable_state("toy")
+    assert max_abs_diff(w2, two.trainable_state("toy", rank=1)) == 0.0  # the ranks hold one model
+    diff = max_abs_diff(w1, w2)
+    print(f"zero {zero_stage}: max |w(2 workers) - w(1 worker)| = {diff:.2e}")
+    assert diff < TOL
+    assert any(k.startswith("heads.") for k in w1) and len(w1) > sum(k.startswith("heads.") for k in w1)  # + PETL
+
+    if zero_stage == 2:  # ZeRO-2's per-rank optimizer partitions resume: killed after epoch 1, same weights
+        killed = {"toy": KilledOnce(toy_split(64, 0), toy_split(24, 1), 3, marker=str(tmp_path / "kill.marker"))}
+        resumed = train_on_ray(spec(zero_stage, BATCH // 2), killed,
+                               ray_cfg=RayConfig(num_workers=2, cpus_per_worker=0.5), name="killed",
+                               max_failures=1, **run)
+        assert (tmp_path / "kill.marker").exists()  # a worker was killed
+        assert resumed.metrics["resumed_from"] == 1 and resumed.metrics["epoch"] == 2
+        assert resumed.mask_digests("toy") == masks[0] and resumed.mask_digests("toy", 1) == masks[0]
+        rdiff = max_abs_diff(resumed.trainable_state("toy"), w2)
+        print(f"zero 2, killed after epoch 1 and resumed: max |w - w(uninterrupted)| = {rdiff:.2e}")
+        assert rdiff < TOL

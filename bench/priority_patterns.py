@@ -21,7 +21,7 @@ from dynadapter.config import load_params
 from dynadapter.inference import calibrate, collect_exit_logits, measure_stage_costs
 from dynadapter.train.pretrain import backbone_checkpoint
 
-PATTERNS = ("flat", "shallow_first", "deep_first")
+PATTERNS = ("shallow_first", "deep_first", "flat")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--strength", type=float, default=0.5)
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated subset of " + ", ".join(PATTERNS))
     ap.add_argument("--out", default="bench/results/priority_patterns.json")
     args = ap.parse_args(argv)
     results: dict[str, dict] = {}
-    for pattern in PATTERNS:
+    for pattern in args.patterns.split(","):
         params = load_params(args.params, args.overrides + [f"train.priority.pattern={pattern}",
                                                               f"train.priority.strength={args.strength}"])
         base = params.base

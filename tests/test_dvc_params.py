@@ -26,7 +26,7 @@ CASES = [
     ("evaluate.throughput_repeats", 3, {"evaluate"}, {"evaluate", "register"}),
     ("register.alias", "prod", {"register"}, {"register"}),
     ("tune.budget", 0.3, {"tune"}, {"tune", "train", "evaluate", "register"}),
-    ("base.seed", 1, {"prepare", "pretrain", "tune", "train"}, ALL),
+    ("base.seed", 1, {"prepare", "pretrain", "tune", "train", "evaluate"}, ALL),
     ("base.model.petl.method", "lora", {"tune", "train", "evaluate"}, {"tune", "train", "evaluate", "register"}),
     ("base.model.exits", [2, 4], {"tune", "train", "evaluate"}, {"tune", "train", "evaluate", "register"}),
     ("train.lr", 0.001, {"tune", "train"}, {"tune", "train", "evaluate", "register"}),

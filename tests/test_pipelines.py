@@ -158,7 +158,10 @@ def test_tune_writes_best_params_that_train_applies(pipeline_run):
     root, _ = pipeline_run
     out = root / "outputs/tune"
     best = yaml.safe_load((out / "best_params.yaml").read_text())
-    assert set(best) == {"train.sparsity.p_max", "train.sparsity.q", "train.priority.start"}
+    assert set(best) == {"train.sparsity.p_max", "train.sparsity.q", "train.priority.start",
+                         "train.priority.strength", "train.priority.pattern"}
+    assert best["train.priority.pattern"] in ("shallow_first", "deep_first")
+    assert 0.0 <= best["train.priority.strength"] <= 0.8
     assert 0.0 <= best["train.sparsity.p_max"] <= 0.4 and 0.0 <= best["train.sparsity.q"] <= 0.3
     assert len(best["train.priority.start"]) == 4  # one weight per exit
     trials = (out / "trials.csv").read_text().strip().splitlines()

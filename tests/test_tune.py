@@ -22,7 +22,7 @@ from dynadapter.config import (
     parse_params,
 )
 from dynadapter.models import build_model, resolve_exits
-from dynadapter.train import fit, load_checkpoint, trainable_state
+from dynadapter.train import PrioritySchedule, fit, load_checkpoint, trainable_state
 from dynadapter.train.deepspeed import Placement, deepspeed_strategy, ds_config, resolve_placement
 from dynadapter.tune import (
     METRIC,
@@ -168,7 +168,7 @@ def test_params_yaml_has_a_valid_tune_section():
     depth = base.backbone.overrides.get("depth", 12)
     num_exits = len(resolve_exits(base.model, depth))
     space = search_space(tune_cfg, num_exits=num_exits)
-    assert {"p_max", "q", "priority_start_0"} <= set(space)  # sparsity ratios and head weights are searched
+    assert {"p_max", "q", "priority_strength", "priority_pattern"} <= set(space)  # sparsity and prioritization
     domains = {k: v for k, v in space.items() if hasattr(v, "lower")}
     assert all(v.lower < v.upper for v in domains.values()), space
     gen = np.random.default_rng(0)
@@ -177,7 +177,9 @@ def test_params_yaml_has_a_valid_tune_section():
     for sampled in draws:
         cfg = apply_overrides_to(params.train, overrides_from(sampled, params.train))
         assert 0.0 <= cfg.sparsity.p_min <= cfg.sparsity.p_max < 1.0 and 0.0 <= cfg.sparsity.q < 1.0
-        assert len(cfg.priority.start) == num_exits and all(w >= 0 for w in cfg.priority.start)
+        assert cfg.priority.start is None and 0.0 <= cfg.priority.strength < 1.0
+        weights = PrioritySchedule.from_config(cfg.priority, num_exits)
+        assert len(weights.start) == num_exits and all(w >= 0 for w in weights.start + weights.end)
         assert cfg.sparsity.p_max == pytest.approx(sampled["p_max"]) and cfg.sparsity.q == pytest.approx(sampled["q"])
 
 

@@ -537,12 +537,13 @@ def test_measured_speedup_is_consistent_with_the_exit_histogram(thresholds, exit
     model = tiny_model("adapter", num_classes=5, depth=8).eval()  # exits after blocks 2, 4, 6 and 8
     costs = measure_stage_costs(model)
     cum, base = costs.cumulative(), costs.full_depth_baseline()
-    cmp = dynamic_vs_full(model, images(64, seed=5), thresholds, repeats=5, warmup=1)
+    # a large batch and many interleaved repeats: on a loaded machine a single timing can be off by 2x
+    cmp = dynamic_vs_full(model, images(256, seed=5), thresholds, repeats=15, warmup=2)
     assert cmp.exit_fraction[exit_taken] == 1.0
     limit = base / sum(f * c for f, c in zip(cmp.exit_fraction, cum))
     assert cmp.speedup < 1.5 * limit, (cmp, limit)  # timing noise aside, skipped MACs bound the gain
     if exit_taken == 0:
-        assert limit > 2.5 and cmp.speedup > 1.2, (cmp, limit)
+        assert limit > 2.5 and cmp.speedup > 1.4, (cmp, limit)  # measured 2.5-2.9; all exits timed: 0.8-1.2
     else:
         assert limit < 1.0
 

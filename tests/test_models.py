@@ -199,6 +199,29 @@ def test_merge_in_bfloat16_stays_bfloat16(method):
         torch.testing.assert_close(b.float(), a.float(), atol=0.1, rtol=0.05)
 
 
+BRANCH_CASES = [
+    # method, rank / bottleneck, alpha or scale, what the module must compute from base, h, down D and up U
+    ("lora", 4, 8.0, lambda base, h, d, u: base(h) + 2.0 * (u(d(h)))),  # W h + (alpha / r) U D h
+    ("lora", 2, 1.0, lambda base, h, d, u: base(h) + 0.5 * (u(d(h)))),
+    ("rep_adapter", 4, 0.5, lambda base, h, d, u: base(h + 0.5 * u(d(h)))),  # W (h + s U D h) + b
+]
+
+
+@pytest.mark.parametrize("method,rank,scale,expected", BRANCH_CASES)
+def test_branch_is_scaled_as_configured(method, rank, scale, expected):
+    from dynadapter.models.petl.lora import LoRALinear
+    from dynadapter.models.petl.rep_adapter import RepAdapterLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 6)
+    module = LoRALinear(base, rank, scale, 0.0) if method == "lora" else RepAdapterLinear(base, rank, scale, 0.0)
+    torch.nn.init.normal_(module.up.weight)  # up starts at zero: the branch would be a no-op
+    h = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(module(h), expected(base, h, module.down, module.up))
+        torch.testing.assert_close(module.merge()(h), expected(base, h, module.down, module.up), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", PETL_METHODS)
 def test_inject_needs_one_dropout_rate_per_block(method):
     from dynadapter.models.petl import create_petl

@@ -277,6 +277,16 @@ def test_gradient_mask_applies_before_post_accumulate_hooks():
     masker.remove()
 
 
+def test_gradient_mask_takes_the_full_shape_of_a_zero3_partitioned_parameter():
+    """Under ZeRO-3, p.data holds only this rank's partition; the gradient autograd produces has `ds_shape`."""
+    p = nn.Parameter(torch.zeros(3))  # the partition
+    p.ds_shape = torch.Size([4, 5])
+    masker = GradientMasker([p], 0.5, seed=0)
+    masker.resample()
+    assert masker.masks[0].shape == (4, 5)
+    masker.remove()
+
+
 def test_fit_draws_a_fresh_mask_before_every_optimizer_step(monkeypatch):
     """The loop must resample every step: a mask drawn once and kept would still zero a fraction q."""
     maskers: list[GradientMasker] = []

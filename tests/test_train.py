@@ -277,6 +277,15 @@ def test_gradient_mask_applies_before_post_accumulate_hooks():
     masker.remove()
 
 
+def test_gradient_mask_draws_lazily_when_resample_was_not_called():
+    p = nn.Parameter(torch.zeros(10_000))
+    masker = GradientMasker([p], 0.5, seed=0)
+    (p * torch.ones_like(p)).sum().backward()  # no resample() first: the hook draws the step's mask itself
+    assert masker.masks[0] is not None and torch.equal(p.grad, masker.masks[0].float())
+    assert 0.4 < p.grad.mean().item() < 0.6
+    masker.remove()
+
+
 def test_gradient_mask_takes_the_full_shape_of_a_zero3_partitioned_parameter():
     """Under ZeRO-3, p.data holds only this rank's partition; the gradient autograd produces has `ds_shape`."""
     p = nn.Parameter(torch.zeros(3))  # the partition

@@ -198,8 +198,11 @@ class DeepSpeedStrategy(Strategy):
                 raise ValueError(f"checkpoint was written with deepspeed {key}={state.get(key)!r}, now {now!r}")
         opt = _fill_live(state["optimizer"], self.optimizer.state_dict())
         if self.engine.zero_optimization_stage() > 0:
-            # ZeRO restores this rank's fp32 master partition and copies it into the (bf16 or fp32) model
-            self.optimizer.load_state_dict([opt], load_optimizer_states=True, load_from_fp32_weights=True)
+            # ZeRO restores this rank's fp32 master partition and copies it into the (bf16 or fp32) model. It reads
+            # its own entry, list[dp_rank], of a list of every rank's state; each rank checkpoints only its own
+            # (non-elastic) partition, so that entry must sit at this rank's index ([opt] alone broke rank 1).
+            ranks = max(1, int(getattr(self.engine, "dp_world_size", 1)))
+            self.optimizer.load_state_dict([opt] * ranks, load_optimizer_states=True, load_from_fp32_weights=True)
         else:
             self.optimizer.load_state_dict(opt)
         self.scheduler.load_state_dict(state["scheduler"])

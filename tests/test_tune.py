@@ -296,8 +296,9 @@ def test_tune_runs_trials_with_train_workers_and_survives_a_crash(ray_session, t
     assert sorted(r["resumed_from"] for r in rows) == [0, 1]  # the crashed trial resumed from epoch 1
     assert outcome.best_metric == max(r[METRIC] for r in rows)
     assert set(outcome.best_overrides) == {"train.sparsity.p_max", "train.sparsity.p_min", "train.sparsity.q",
-                                           "train.priority.start", "train.priority.end"}
-    assert len(outcome.best_overrides["train.priority.start"]) == 4  # one weight per exit
+                                           "train.priority.pattern", "train.priority.strength"}
+    assert outcome.best_overrides["train.priority.pattern"] in ("shallow_first", "deep_first")
+    assert 0.0 <= outcome.best_overrides["train.priority.strength"] <= 0.8
     assert len(outcome.table()) == 2
 
     path = write_best_params(outcome, tmp_path / "best_params.yaml")

@@ -115,7 +115,8 @@ def faulty_sweep(ray_session, tmp_path_factory):
                  "scheduler": {"grace_period": 2},  # no early stop: both trials run into epoch 2
                  "ray": {"cpus_per_worker": 0.5},  # both trials at once on 2 cores
                  "search_space": {"p_max": None, "p_min": None, "q": None, "priority_start": None,
-                                  "priority_end": None, "lr": [1e-2, 1e-2]}},
+                                  "priority_end": None, "priority_pattern": None, "priority_strength": None,
+                                  "lr": [1e-2, 1e-2]}},
     })
     marker, starts, storage = tmp / "killed", tmp / "starts", tmp / "ray"
     data = {"toy": FaultyTask(toy_split(64, 0), toy_split(32, 1), 2, marker=str(marker), starts=str(starts))}

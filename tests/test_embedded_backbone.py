@@ -16,8 +16,8 @@ from dynadapter.data.upstream import FACTORS, IGNORE, generate_scenes, render_sc
 from dynadapter.inference import measure_stage_costs
 from dynadapter.models import build_model, create_backbone
 from dynadapter.models.convstem import ConvStem
-from dynadapter.train.pretrain import (SHIPPED_DIR, SHIPPED_FILE, SHIPPED_INFO, ShippedWeightsError, sha256,
-                                       verify_shipped)
+from dynadapter.data.store import file_sha256 as sha256
+from dynadapter.train.pretrain import SHIPPED_DIR, SHIPPED_FILE, SHIPPED_INFO, ShippedWeightsError, verify_shipped
 from helpers import ROOT as REPO_ROOT, one_thread  # noqa: F401
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}

@@ -3,7 +3,6 @@ and the shipped copy of its weights that the default pipeline uses instead of re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from safetensors.torch import save_file
 
 from dynadapter.atomic import replacing, write_text_atomic
 from dynadapter.config import BackboneConfig, PretrainConfig
+from dynadapter.data.store import file_sha256
 from dynadapter.data.upstream import FACTORS, IGNORE, factor_slices, generate_scenes
 from dynadapter.models.backbone import normalization
 from dynadapter.train.loop import FitResult, fit_resumable
@@ -120,14 +120,6 @@ def pretrain_backbone(
     return result, info
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shipped_info(shipped_dir: str | Path = SHIPPED_DIR) -> dict:
     path = Path(shipped_dir) / SHIPPED_INFO
     if not path.is_file():
@@ -143,7 +135,7 @@ def verify_shipped(backbone_cfg: BackboneConfig, shipped_dir: str | Path = SHIPP
     weights = Path(shipped_dir) / SHIPPED_FILE
     if not weights.is_file():
         raise ShippedWeightsError(f"{weights}: shipped backbone weights missing")
-    digest = sha256(weights)
+    digest = file_sha256(weights)
     if digest != info["sha256"]:
         raise ShippedWeightsError(f"{weights}: sha256 {digest} does not match the recorded {info['sha256']} "
                                   f"({Path(shipped_dir) / SHIPPED_INFO}); the file was altered or truncated")
@@ -165,7 +157,7 @@ def ship(trained_dir: str | Path, command: str, shipped_dir: str | Path = SHIPPE
     data = (Path(trained_dir) / BACKBONE_FILE).read_bytes()
     with replacing(shipped_dir / SHIPPED_FILE) as tmp:
         tmp.write_bytes(data)
-    info = {**info, "sha256": sha256(shipped_dir / SHIPPED_FILE), "bytes": len(data), "command": command}
+    info = {**info, "sha256": file_sha256(shipped_dir / SHIPPED_FILE), "bytes": len(data), "command": command}
     write_text_atomic(shipped_dir / SHIPPED_INFO, json.dumps(info, indent=2) + "\n")
     return info
 

@@ -88,11 +88,14 @@ def all_methods(exits: list[int]) -> list[Method]:
         Method("linear_probe", "probe", "static", ("base.model.petl.method=linear_probe",)),
         Method("full_finetune", "finetune", "static", ("base.model.petl.method=full_finetune",),
                note="lr = train.lr / 10"),
-        Method("abl_no_balanced_heads", "ablation", "dyn", ("base.model.heads.balanced=false",)),
-        Method("abl_no_priority", "ablation", "dyn", ("train.priority.start=null", "train.priority.end=null")),
-        Method("abl_no_forward_sparsity", "ablation", "dyn", ("train.sparsity.forward=false",)),
-        Method("abl_no_backward_sparsity", "ablation", "dyn", ("train.sparsity.backward=false",)),
     ]
+    ablations = {  # dyn_adapter (Adapter, whatever params.yaml's PETL method) without one component
+        "abl_no_balanced_heads": ("base.model.heads.balanced=false",),
+        "abl_no_priority": ("train.priority.pattern=flat", "train.priority.start=null", "train.priority.end=null"),
+        "abl_no_forward_sparsity": ("train.sparsity.forward=false",),
+        "abl_no_backward_sparsity": ("train.sparsity.backward=false",),
+    }
+    out += [Method(name, "ablation", "dyn", ("base.model.petl.method=adapter", *o)) for name, o in ablations.items()]
     return out
 
 

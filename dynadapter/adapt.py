@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dynadapter.atomic import replacing
-from dynadapter.config import BackboneConfig, ModelConfig, TrainConfig
+from dynadapter.config import BackboneConfig, DeepSpeedConfig, ModelConfig, TrainConfig
 from dynadapter.data import load_split_tensors, read_manifest
 from dynadapter.inference import (
     calibrate,
@@ -106,7 +107,7 @@ def train_task(
     backbone_cfg: BackboneConfig,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
-    checkpoint: str | Path | None,
+    checkpoint: str | Path | Mapping[str, torch.Tensor] | None,
     *,
     seed: int = 0,
     checkpoint_path: str | Path | None = None,
@@ -115,30 +116,50 @@ def train_task(
     strategy=None,
     builder=None,
     objective=None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[Trained, DynAdapterViT]:
     """Build the model on the frozen backbone and train it (selection on val); resumes from checkpoint_path.
 
-    `builder(backbone_cfg, model_cfg, num_classes, sparsity, backbone=...)` replaces `build_model` and
-    `objective` the multi-exit loss (see `fit`): how a rival method (bench/peers.py) trains on the same path."""
-    torch.manual_seed(seed)
-    backbone = create_backbone(backbone_cfg, checkpoint)
-    model = (builder or build_model)(backbone_cfg, model_cfg, data.num_classes, train_cfg.sparsity, backbone=backbone)
-    params = count_parameters(model)
+    `checkpoint`: the backbone's weights, a file or a state dict already read (a Ray worker gets them from the
+    object store). `builder(backbone_cfg, model_cfg, num_classes, sparsity, backbone=...)` replaces
+    `build_model` and `objective` the multi-exit loss (see `fit`): how a rival method (bench/peers.py) trains on
+    the same path. rank / world_size: this process's share of data-parallel training (see `fit`)."""
+    model = build_for_training(data, backbone_cfg, model_cfg, train_cfg, checkpoint, seed=seed, builder=builder)
     start = time.perf_counter()
-    kwargs = dict(seed=seed, progress=progress, on_epoch_end=on_epoch_end, strategy=strategy, objective=objective)
+    kwargs = dict(seed=seed, progress=progress, on_epoch_end=on_epoch_end, strategy=strategy, objective=objective,
+                  rank=rank, world_size=world_size)
     if checkpoint_path is not None:
         result = fit_resumable(model, data.train, data.val, train_cfg, checkpoint_path=checkpoint_path, **kwargs)
     else:
         result = fit(model, data.train, data.val, train_cfg, **kwargs)
-    train_seconds = time.perf_counter() - start
-    steps = max(1, sum(h.get("steps", 0) for h in result.history))
-    step_seconds = sum(h.get("seconds", 0.0) for h in result.history) / steps
-    trained = Trained(
-        task=task, method=model_cfg.petl.method, early_exit=model_cfg.early_exit, exits=list(model.exits),
-        params=params, best_epoch=result.best_epoch, train_seconds=train_seconds, step_seconds=step_seconds,
-        history=result.history,
-    )
-    return trained, model
+    return trained_record(task, model_cfg, model, result.history, result.best_epoch,
+                          time.perf_counter() - start), model
+
+
+def build_for_training(data: TaskData, backbone_cfg: BackboneConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                       checkpoint: str | Path | Mapping[str, torch.Tensor] | None, *, seed: int = 0,
+                       builder=None) -> DynAdapterViT:
+    """The model `train_task` trains, before training: the same seed, so the same initial PETL and head weights
+    wherever it is built (here, on a Ray worker, or to receive weights trained elsewhere)."""
+    torch.manual_seed(seed)
+    if isinstance(checkpoint, Mapping):
+        backbone = create_backbone(backbone_cfg.model_copy(update={"checkpoint": None}))
+        backbone.load_state_dict(checkpoint)
+    else:
+        backbone = create_backbone(backbone_cfg, checkpoint)
+    return (builder or build_model)(backbone_cfg, model_cfg, data.num_classes, train_cfg.sparsity,
+                                    backbone=backbone)
+
+
+def trained_record(task: str, model_cfg: ModelConfig, model: DynAdapterViT, history: list[dict[str, Any]],
+                   best_epoch: int, train_seconds: float) -> Trained:
+    """The `Trained` record of a finished fit (its per-epoch history and selected epoch)."""
+    steps = max(1, sum(h.get("steps", 0) for h in history))
+    step_seconds = sum(h.get("seconds", 0.0) for h in history) / steps
+    return Trained(task=task, method=model_cfg.petl.method, early_exit=model_cfg.early_exit,
+                   exits=list(model.exits), params=count_parameters(model), best_epoch=best_epoch,
+                   train_seconds=train_seconds, step_seconds=step_seconds, history=history)
 
 
 SELECTION_DIR = "selection"  # beside a `standard`-protocol model: the train800-only model its thresholds come from
@@ -162,15 +183,15 @@ def retrain_on_trainval(task: str, data: TaskData, backbone_cfg: BackboneConfig,
     return train_task(task, trainval_data(data), backbone_cfg, model_cfg, cfg, checkpoint, **train_kwargs)
 
 
-def accelerator_strategy():
-    """How a stage trains on this machine: on a CUDA GPU, a DeepSpeed engine (a one-rank NCCL group; bf16 where
-    the GPU supports it: DeepSpeedConfig's precision `auto`), the path tune trials take; else None (plain
-    AdamW on the CPU)."""
+def accelerator_strategy(ds: DeepSpeedConfig | None = None):
+    """How a stage trains on this machine: on a CUDA GPU, a DeepSpeed engine configured by `ds` (a one-rank
+    NCCL group; bf16 where the GPU supports it under precision `auto`), the path tune trials take; else None
+    (plain AdamW on the CPU)."""
     if not torch.cuda.is_available():
         return None
     from dynadapter.train.deepspeed import deepspeed_strategy
 
-    return deepspeed_strategy()
+    return deepspeed_strategy(ds)
 
 
 def accelerator() -> torch.device | None:
@@ -193,6 +214,16 @@ def placed_on(models: list[torch.nn.Module], device: torch.device | str | None):
             m.to("cpu")
 
 
+def merged_for_inference(model: DynAdapterViT, thresholds: list[float] | None = None) -> DynAdapterViT:
+    """`model` in eval mode with its PETL folded into the frozen weights (Rep-Adapter / LoRA then cost nothing
+    at inference) and, if given, its exit thresholds set: the state `evaluate_task` leaves a model in."""
+    model.eval()
+    merge_petl(model)
+    if thresholds is not None:
+        model.set_thresholds(thresholds)
+    return model
+
+
 def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
                   throughput_batch: int = 0, repeats: int = 5, calibration: str = "path",
                   calibration_model: DynAdapterViT | None = None,
@@ -209,12 +240,10 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
     confidences are optimistic; the train800-only model it was selected with has not (thresholds transfer).
     device: where the val/test forward passes run (e.g. a GPU); MACs are measured, and the model is left, on
     the CPU."""
-    model.eval()
-    merge_petl(model)  # Rep-Adapter / LoRA folded into the frozen weights: inference pays nothing for them
+    merged_for_inference(model)
     costs = measure_stage_costs(model)
     if calibration_model is not None:
-        calibration_model.eval()
-        merge_petl(calibration_model)
+        merged_for_inference(calibration_model)
     with placed_on([m for m in (model, calibration_model) if m is not None], device):
         val_logits = collect_exit_logits(calibration_model or model, data.val[0]).cpu()
         test_logits = collect_exit_logits(model, data.test[0]).cpu()

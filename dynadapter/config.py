@@ -255,6 +255,24 @@ class SparsityConfig(Section):
         return self
 
 
+class RayConfig(Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'host:6379', 'ray://host:10001'). null: the "
+        "RAY_ADDRESS environment variable if set, else a local Ray on this machine's CPUs.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks) per trial.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per worker; fractions let small trials share a core.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; > 0 trains on CUDA with NCCL.")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2] = Field(
+        0, description="ZeRO stage (0: data parallel; 1/2: optimizer state / gradients sharded across "
+        "workers). Stage 3 is not offered: it shards parameters, and PETL trains too few for it to pay.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on a CUDA GPU that supports it, else fp32 (fp16 is not supported).")
+
+
 class TrainConfig(OptimConfig):
     protocol: Literal["select", "standard"] = Field(
         "select",
@@ -268,6 +286,19 @@ class TrainConfig(OptimConfig):
     sparsity: SparsityConfig = SparsityConfig()
     distill: float = Field(0.0, ge=0, description="Weight of self-distillation (last exit -> earlier); 0 = off.")
     distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of self-distillation.")
+    ray: RayConfig = Field(
+        RayConfig(),
+        description="Where the train and evaluate stages run. With an address (or RAY_ADDRESS set) each task x "
+        "variant trains as one Ray Train run of num_workers DeepSpeed workers, the runs concurrently as far as "
+        "the cluster's resources allow, and evaluation fans out one Ray task per task and variant "
+        "(cpus_per_worker / gpus_per_worker each). Without one both run here, one after another, without Ray.")
+    deepspeed: DeepSpeedConfig = Field(
+        DeepSpeedConfig(),
+        description="The DeepSpeed engine of train-stage runs on a Ray cluster or a local CUDA GPU (on the CPU "
+        "without a cluster: plain AdamW).")
+    storage: str | None = Field(
+        None, description="On a Ray cluster: where the train runs keep their epoch checkpoints, a folder or URI "
+        "every node reaches (shared filesystem, s3://...). null: <paths.models>/checkpoints/train-ray here.")
 
 
 class EvaluateConfig(Section):
@@ -344,24 +375,6 @@ class AshaConfig(Section):
     grace_period: int = Field(1, gt=0, description="Epochs every trial runs before ASHA may stop it.")
     reduction_factor: float = Field(
         2.0, gt=1, description="ASHA keeps the top 1/reduction_factor of trials at each rung.")
-
-
-class RayConfig(Section):
-    address: str | None = Field(
-        None, description="Ray cluster to join ('auto', 'host:6379', 'ray://host:10001'). null: the "
-        "RAY_ADDRESS environment variable if set, else a local Ray on this machine's CPUs.")
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks) per trial.")
-    cpus_per_worker: float = Field(
-        1.0, gt=0, description="CPUs reserved per worker; fractions let small trials share a core.")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; > 0 trains on CUDA with NCCL.")
-
-
-class DeepSpeedConfig(Section):
-    zero_stage: Literal[0, 1, 2] = Field(
-        0, description="ZeRO stage (0: data parallel; 1/2: optimizer state / gradients sharded across "
-        "workers). Stage 3 is not offered: it shards parameters, and PETL trains too few for it to pay.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 on a CUDA GPU that supports it, else fp32 (fp16 is not supported).")
 
 
 class TuneConfig(Section):

@@ -43,6 +43,32 @@ def torch_trainer(worker, loop_config: dict, *, num_workers: int, worker_cpu: fl
     )
 
 
+def fit_trainer(worker, loop_config: dict, ray_cfg: RayConfig, *, storage_path: str, name: str,
+                max_failures: int = 0, checkpoints_to_keep: int = 2):
+    """Run a `torch_trainer` of `ray_cfg`'s workers to the end; its `ray.train.Result`, which must hold the
+    run's last checkpoint (the worker's error is raised as it is)."""
+    result = torch_trainer(worker, loop_config, num_workers=ray_cfg.num_workers, worker_cpu=ray_cfg.cpus_per_worker,
+                           worker_gpu=ray_cfg.gpus_per_worker, storage_path=storage_path, name=name,
+                           max_failures=max_failures, checkpoints_to_keep=checkpoints_to_keep).fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name!r} in {storage_path} reported no checkpoint")
+    return result
+
+
+def rank_file(rank: int) -> str:
+    """A rank's file in an epoch checkpoint: each rank writes its own (under ZeRO 1/2 optimizer state is
+    per rank)."""
+    return f"rank{rank}.pt"
+
+
+def rank_states(result, ranks) -> list[Any]:
+    """What `ranks` saved in the last checkpoint of a finished run (`fit_trainer`'s result)."""
+    with result.checkpoint.as_directory() as d:
+        return [torch.load(Path(d) / rank_file(r), map_location="cpu", weights_only=True) for r in ranks]
+
+
 @dataclass
 class DistributedRun:
     """A finished Ray Train run: every rank's final `TrialTrainer.state()` and the metrics reported per epoch."""
@@ -76,17 +102,9 @@ def train_on_ray(spec, data: Mapping[str, Any], backbone_state: Mapping[str, tor
     storage = _local_path(storage_path)
     loop_config = {"spec": asdict(spec), "data": ray.put({t: data[t] for t in spec.tasks}),
                    "backbone": ray.put({k: v.contiguous() for k, v in backbone_state.items()})}
-    result = torch_trainer(_train_worker, loop_config, num_workers=ray_cfg.num_workers,
-                           worker_cpu=ray_cfg.cpus_per_worker, worker_gpu=ray_cfg.gpus_per_worker,
-                           storage_path=storage, name=name, max_failures=max_failures,
-                           checkpoints_to_keep=checkpoints_to_keep).fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {name!r} in {storage} reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        states = [torch.load(Path(d) / f"rank{r}.pt", map_location="cpu", weights_only=True)
-                  for r in range(ray_cfg.num_workers)]
+    result = fit_trainer(_train_worker, loop_config, ray_cfg, storage_path=storage, name=name,
+                         max_failures=max_failures, checkpoints_to_keep=checkpoints_to_keep)
+    states = rank_states(result, range(ray_cfg.num_workers))
     try:
         df = result.metrics_dataframe
     except Exception:  # a run restored from storage may not have its progress file

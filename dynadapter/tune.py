@@ -385,6 +385,8 @@ def _train_worker(config: dict) -> None:
     import ray
     import ray.train
 
+    from dynadapter.distributed import rank_file
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -394,12 +396,12 @@ def _train_worker(config: dict) -> None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                trainer.load(torch.load(Path(d) / f"rank{rank}.pt", map_location="cpu", weights_only=True))
+                trainer.load(torch.load(Path(d) / rank_file(rank), map_location="cpu", weights_only=True))
         resumed_from = trainer.epoch
         while trainer.epoch < trainer.epochs:
             metrics = {**trainer.step(), "resumed_from": resumed_from}
             with tempfile.TemporaryDirectory() as d:
-                torch.save(trainer.state(), Path(d) / f"rank{rank}.pt")
+                torch.save(trainer.state(), Path(d) / rank_file(rank))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"epoch_{trainer.epoch:04d}")
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines.common import (load_stage_params, save_stage_config, stage_parser, stage_tracking, tracked_task,
@@ -20,6 +21,9 @@ exit histogram; the val-calibrated threshold sweep evaluated on test (accuracy v
 frontier (non-dominated points); accuracy of each exit alone; measured CPU throughput of compacted dynamic
 inference against full depth on the same test batch (evaluate.throughput_batch images, 0 = skip).
 For the full-depth baseline: test accuracy and MACs.
+On a Ray cluster (train.ray.address, or RAY_ADDRESS set) every task x variant is evaluated by its own Ray task
+(train.ray.cpus_per_worker / gpus_per_worker), all submitted at once; the figures and MLflow records are the
+same, and the throughput is measured on whichever node ran the task, beside whatever else ran there.
 MLflow: a nested run per task and variant with these figures, the sweep, the Pareto table and plot; the
 Dyn-Adapter run also logs the model (a pyfunc that runs compacted dynamic inference, with `budget` or
 `thresholds` as parameters); the suite plots and metrics go on the pipeline's parent run.
@@ -146,8 +150,52 @@ def log_model(run, model, params, ev, task: str, exits: list[int]) -> dict:
             "test_accuracy": ev.test["accuracy"], "test_macs": ev.test["macs"], "budget": base.budget, "card": card}
 
 
+def evaluations(params, checkpoint) -> Iterator[tuple]:
+    """(task, variant, model, trained, Evaluated) for every task and variant, in order: computed here one after
+    another, or on a Ray cluster (train.ray.address or RAY_ADDRESS) one Ray task each, all submitted at once.
+    Either way the model comes back as `evaluate_task` leaves it: merged, holding its calibrated thresholds."""
+    from dynadapter.adapt import (SELECTION_DIR, accelerator, evaluate_task, load_task_for, load_trained,
+                                  merged_for_inference)
+    from dynadapter.cluster import cluster_address, map_on_ray
+
+    base, ev_cfg = params.base, params.evaluate
+    address = cluster_address(params.train.ray.address)
+    items, calls = [], []
+    for task in base.tasks:
+        data = load_task_for(base, task)
+        for variant in ("dyn", "baseline"):
+            saved = Path(base.paths.models) / "tasks" / task / variant
+            model, trained, _ = load_trained(saved, checkpoint)
+            # standard protocol: the model trained on val200 too; its thresholds come from the train800-only one
+            selection = load_trained(saved / SELECTION_DIR, checkpoint)[0] if (saved / SELECTION_DIR).is_dir() else None
+            kwargs = dict(budget=base.budget, repeats=ev_cfg.throughput_repeats,
+                          throughput_batch=ev_cfg.throughput_batch if variant == "dyn" else 0,
+                          calibration=ev_cfg.calibration, calibration_model=selection)
+            if address is None:
+                yield task, variant, model, trained, evaluate_task(model, data, device=accelerator(), **kwargs)
+            else:
+                items.append((task, variant, model, trained))
+                calls.append(((model, data), kwargs))
+    if address is not None:
+        from dynadapter.tune import init_ray
+
+        init_ray(address)
+        print(f"evaluate: {len(calls)} evaluations fan out over the Ray cluster at {address}", flush=True)
+        for (task, variant, model, trained), ev in zip(items, map_on_ray(_evaluate_on_worker, calls,
+                                                                          params.train.ray)):
+            # the worker evaluated a copy: put this one in the state it left that copy in
+            yield task, variant, merged_for_inference(model, ev.calibration["thresholds"]), trained, ev
+
+
+def _evaluate_on_worker(model, data, **kwargs):
+    """evaluate_task on a Ray worker, on its GPU when it has one."""
+    from dynadapter.adapt import accelerator, evaluate_task
+
+    return evaluate_task(model, data, device=accelerator(), **kwargs)
+
+
 def run(params, parent=None) -> tuple[dict, dict, dict]:
-    from dynadapter.adapt import SELECTION_DIR, TaskResult, accelerator, evaluate_task, load_task_for, load_trained
+    from dynadapter.adapt import TaskResult
     from dynadapter.tracking import log_budget_curve, log_task_result
     from dynadapter.train.pretrain import backbone_checkpoint
 
@@ -155,28 +203,17 @@ def run(params, parent=None) -> tuple[dict, dict, dict]:
     checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
     per_task: dict = {}
     models: dict = {}
-    for task in base.tasks:
-        data = load_task_for(base, task)
-        per_task[task] = {}
-        for variant in ("dyn", "baseline"):
-            saved = Path(base.paths.models) / "tasks" / task / variant
-            model, trained, _ = load_trained(saved, checkpoint)
-            # standard protocol: the model trained on val200 too; its thresholds come from the train800-only one
-            selection = load_trained(saved / SELECTION_DIR, checkpoint)[0] if (saved / SELECTION_DIR).is_dir() else None
-            with tracked_task(parent, task, variant, {"budget": base.budget}, stage="evaluate") as mlrun:
-                ev = evaluate_task(model, data, budget=base.budget, repeats=params.evaluate.throughput_repeats,
-                                   throughput_batch=params.evaluate.throughput_batch if variant == "dyn" else 0,
-                                   calibration=params.evaluate.calibration,
-                                   calibration_model=selection, device=accelerator())
-                if mlrun is not None:
-                    log_task_result(mlrun, TaskResult(trained, ev))
-                    if variant == "dyn":
-                        log_budget_curve(mlrun, list(task_curve(ev.curve).values()))
-                        models[task] = log_model(mlrun, model, params, ev, task, trained.exits)
-            per_task[task][variant] = {"exits": trained.exits, "params": trained.params,
-                                       "step_seconds": trained.step_seconds, **ev.__dict__}
-            print(f"evaluate {task}/{variant}: test acc {ev.test['accuracy']:.4f} at "
-                  f"{ev.test['fraction']:.3f} of full-depth MACs")
+    for task, variant, model, trained, ev in evaluations(params, checkpoint):
+        with tracked_task(parent, task, variant, {"budget": base.budget}, stage="evaluate") as mlrun:
+            if mlrun is not None:
+                log_task_result(mlrun, TaskResult(trained, ev))
+                if variant == "dyn":
+                    log_budget_curve(mlrun, list(task_curve(ev.curve).values()))
+                    models[task] = log_model(mlrun, model, params, ev, task, trained.exits)
+        per_task.setdefault(task, {})[variant] = {"exits": trained.exits, "params": trained.params,
+                                                  "step_seconds": trained.step_seconds, **ev.__dict__}
+        print(f"evaluate {task}/{variant}: test acc {ev.test['accuracy']:.4f} at "
+              f"{ev.test['fraction']:.3f} of full-depth MACs")
     n = len(per_task)
     mean = lambda f: sum(f(r) for r in per_task.values()) / n  # noqa: E731
     speedups = [r["dyn"]["throughput"]["speedup"] for r in per_task.values() if r["dyn"]["throughput"]]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from dynadapter.config import ConfigError, Params
+from dynadapter.config import ConfigError, ModelConfig, Params
 from pipelines.common import (epoch_printer, load_stage_params, save_stage_config, stage_parser, staged_output,
                               stage_tracking, tracked_task, write_text_atomic)
 
@@ -23,17 +26,27 @@ train.protocol=select (default): both train on train800 with model selection on 
 train.protocol=standard (the VTAB-1k papers' protocol): that run only chooses the epoch count on val200; a fresh
 model then trains that many epochs on train800val200 and is the saved model; the train800-only model is kept
 beside it (<task>/<variant>/selection/) because the evaluate stage calibrates thresholds with it.
-Test is not read here. On a CUDA GPU the models train through a DeepSpeed engine (NCCL, bf16 where the GPU
-supports it), as tune trials do; on the CPU with plain AdamW. Each run checkpoints
-after every epoch (<paths.models>/checkpoints/train/) and resumes after an interruption (Ctrl-C, a kill):
-rerun the stage and it goes on from the last finished epoch. <paths.models>/tasks/ is put in place only
-when every model is trained, so an interrupted stage leaves no partial output.
+Test is not read here. On a CUDA GPU the models train through a DeepSpeed engine (train.deepspeed: NCCL, bf16
+where the GPU supports it), as tune trials do; on the CPU with plain AdamW. Each run checkpoints after every
+epoch (<paths.models>/checkpoints/train/) and resumes after an interruption (Ctrl-C, a kill): rerun the stage
+and it goes on from the last finished epoch.
+On a Ray cluster (train.ray.address, or RAY_ADDRESS set): every task x variant is one Ray Train run of
+train.ray.num_workers DeepSpeed workers (cpus_per_worker / gpus_per_worker each), all submitted at once and
+run as far as the cluster's resources allow; their epoch checkpoints go to train.storage (shared storage on
+a multi-node cluster) and a rerun resumes them. The models come back to this machine and are saved here.
+<paths.models>/tasks/ is put in place only when every model is trained, so an interrupted stage leaves no
+partial output.
 MLflow: one nested run per task and variant (per-epoch metrics, parameter counts, step time) under the
 pipeline's parent run.
 Outputs: <paths.models>/tasks/<task>/{dyn,baseline}/ (PETL + head weights and the config that rebuilds the
 model on the backbone), <paths.outputs>/train/{metrics.json,train_config.yaml}."""
 
 VARIANTS = ("dyn", "baseline")
+
+if TYPE_CHECKING:  # the stage imports torch only once it runs (a fast --help and params check)
+    import torch
+
+    from dynadapter.adapt import Trained
 
 
 def best_overrides(path: str | Path | None) -> list[str]:
@@ -61,58 +74,120 @@ def run(params: Params, parent=None, stdout=sys.stdout) -> dict:
         return train_tasks(params, tasks_dir, parent, stdout)
 
 
+@dataclass
+class VariantResult:
+    """One task x variant, trained: the saved model, and the train800-only model it was selected with (the same
+    one under the `select` protocol; under `standard` the model evaluate calibrates thresholds with)."""
+
+    task: str
+    variant: str
+    num_classes: int
+    model_cfg: ModelConfig
+    trained: Trained
+    model: torch.nn.Module
+    selected: Trained
+    selection_model: torch.nn.Module | None = None  # standard protocol only
+
+
 def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout) -> dict:
-    """Both variants of every task, trained (or resumed) and saved in tasks_dir/<task>/<variant>; the summary."""
-    from dynadapter.adapt import (SELECTION_DIR, accelerator_strategy, load_task_for, retrain_on_trainval,
-                                  save_trained, train_task)
+    """Both variants of every task, trained (or resumed) and saved in tasks_dir/<task>/<variant>; the summary.
+    On a Ray cluster (train.ray.address or RAY_ADDRESS) the runs fan out over it; else they run here."""
+    from dynadapter.adapt import SELECTION_DIR, save_trained
+    from dynadapter.cluster import cluster_address
     from dynadapter.tracking import log_task_result
+
+    base, cfg = params.base, params.train
+    address = cluster_address(cfg.ray.address)
+    results = _train_on_cluster(params, address, stdout) if address else _train_here(params, stdout)
+    summary: dict = {"tasks": {}, "ran_on": "ray" if address else "local"}
+    for r in results:
+        save = dict(backbone_cfg=base.backbone, model_cfg=r.model_cfg, num_classes=r.num_classes)
+        out = tasks_dir / r.task / r.variant
+        with tracked_task(parent, r.task, r.variant, {"model": r.model_cfg, "train": variant_configs(params, r.variant)[1]},
+                          stage="train") as mlrun:
+            if mlrun is not None:
+                log_task_result(mlrun, r.trained)
+        if r.selection_model is not None:  # thresholds come from the train800-only model: keep it
+            save_trained(r.selection_model, r.selected, out / SELECTION_DIR, **save)
+        save_trained(r.model, r.trained, out, **save)
+        best = r.selected.history[r.selected.best_epoch - 1]
+        extra = r.selected.train_seconds if r.selected is not r.trained else 0.0
+        summary["tasks"].setdefault(r.task, {})[r.variant] = {
+            "val_acc_mean": best["val_acc_mean"],
+            "val_acc_last": best["val_acc_last"],
+            "best_epoch": r.selected.best_epoch,
+            "protocol": cfg.protocol,
+            "trained_on": "train800val200" if cfg.protocol == "standard" else "train800",
+            "trainable_params": r.trained.params["trainable"],
+            "step_ms": round(1000 * r.trained.step_seconds, 2),
+            "train_seconds": round(r.trained.train_seconds + extra, 1),
+        }
+        print(f"train {r.task}/{r.variant}: val acc (last exit) {best['val_acc_last']:.4f}", file=stdout)
+    return summary
+
+
+def _train_here(params: Params, stdout) -> Iterator[VariantResult]:
+    """Every task x variant on this machine, one after another (a CUDA GPU: DeepSpeed; else AdamW)."""
+    from dynadapter.adapt import accelerator_strategy, load_task_for, retrain_on_trainval, train_task
     from dynadapter.train.pretrain import backbone_checkpoint
 
     base, cfg = params.base, params.train
     checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
-    models_dir = Path(base.paths.models)
-    summary: dict = {"tasks": {}}
-    strategy = accelerator_strategy()  # a GPU: DeepSpeed, NCCL, bf16 where supported; else AdamW on the CPU
+    ckpt_dir = Path(base.paths.models) / "checkpoints" / "train"
+    strategy = accelerator_strategy(cfg.deepspeed)  # a GPU: DeepSpeed, NCCL, bf16 where supported; else AdamW
     for task in base.tasks:
         data = load_task_for(base, task)
-        summary["tasks"][task] = {}
         for variant in VARIANTS:
             model_cfg, train_cfg = variant_configs(params, variant)
-            out = tasks_dir / task / variant
-            save = dict(backbone_cfg=base.backbone, model_cfg=model_cfg, num_classes=data.num_classes)
-            ckpt_dir = models_dir / "checkpoints" / "train"
-            with tracked_task(parent, task, variant, {"model": model_cfg, "train": train_cfg},
-                              stage="train") as mlrun:
-                trained, model = train_task(
-                    task, data, base.backbone, model_cfg, train_cfg, checkpoint, seed=base.seed,
-                    checkpoint_path=ckpt_dir / f"{task}-{variant}.pt", strategy=strategy,
-                    on_epoch_end=epoch_printer(f"train {task}/{variant}", cfg.epochs),
+            trained, model = train_task(
+                task, data, base.backbone, model_cfg, train_cfg, checkpoint, seed=base.seed,
+                checkpoint_path=ckpt_dir / f"{task}-{variant}.pt", strategy=strategy,
+                on_epoch_end=epoch_printer(f"train {task}/{variant}", cfg.epochs),
+            )
+            selected, selection_model = trained, None
+            if cfg.protocol == "standard":
+                selection_model = model
+                trained, model = retrain_on_trainval(
+                    task, data, base.backbone, model_cfg, train_cfg, checkpoint, selected, seed=base.seed,
+                    checkpoint_path=ckpt_dir / f"{task}-{variant}-train800val200.pt", strategy=strategy,
+                    on_epoch_end=epoch_printer(f"train {task}/{variant} on train800val200", selected.best_epoch),
                 )
-                selected = trained
-                if cfg.protocol == "standard":  # thresholds come from the train800-only model: keep it
-                    save_trained(model, trained, out / SELECTION_DIR, **save)
-                    trained, model = retrain_on_trainval(
-                        task, data, base.backbone, model_cfg, train_cfg, checkpoint, selected, seed=base.seed,
-                        checkpoint_path=ckpt_dir / f"{task}-{variant}-train800val200.pt", strategy=strategy,
-                        on_epoch_end=epoch_printer(f"train {task}/{variant} on train800val200", selected.best_epoch),
-                    )
-                if mlrun is not None:
-                    log_task_result(mlrun, trained)
-            save_trained(model, trained, out, **save)
-            best = selected.history[selected.best_epoch - 1]
-            summary["tasks"][task][variant] = {
-                "val_acc_mean": best["val_acc_mean"],
-                "val_acc_last": best["val_acc_last"],
-                "best_epoch": selected.best_epoch,
-                "protocol": cfg.protocol,
-                "trained_on": "train800val200" if cfg.protocol == "standard" else "train800",
-                "trainable_params": trained.params["trainable"],
-                "step_ms": round(1000 * trained.step_seconds, 2),
-                "train_seconds": round(trained.train_seconds + (selected.train_seconds if selected is not trained
-                                                                 else 0.0), 1),
-            }
-            print(f"train {task}/{variant}: val acc (last exit) {best['val_acc_last']:.4f}", file=stdout)
-    return summary
+            yield VariantResult(task, variant, data.num_classes, model_cfg, trained, model, selected, selection_model)
+
+
+def _train_on_cluster(params: Params, address: str, stdout) -> Iterator[VariantResult]:
+    """Every task x variant as its own Ray Train run (train.ray workers, train.deepspeed engine), all submitted
+    at once; each result rebuilt here on the backbone with the weights rank 0 selected."""
+    from dynadapter.adapt import build_for_training, load_task_for, trained_record
+    from dynadapter.cluster import fit_jobs, train_jobs_on_ray
+    from dynadapter.models import create_backbone
+    from dynadapter.train import load_trainable_state
+    from dynadapter.train.pretrain import backbone_checkpoint
+    from dynadapter.tune import init_ray
+
+    base, cfg = params.base, params.train
+    resources = init_ray(address)
+    print(f"train: on the Ray cluster at {address} ({resources.get('CPU', 0):g} CPUs, "
+          f"{resources.get('GPU', 0):g} GPUs); {cfg.ray.num_workers} worker(s) per run", file=stdout, flush=True)
+    checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
+    data = {task: load_task_for(base, task) for task in base.tasks}
+    keys = [(task, variant) for task in base.tasks for variant in VARIANTS]
+    chains = [fit_jobs(task, variant, base.backbone, *variant_configs(params, variant), seed=base.seed,
+                       standard=cfg.protocol == "standard") for task, variant in keys]
+    storage = cfg.storage or str(Path(base.paths.models) / "checkpoints" / "train-ray")
+    backbone_state = create_backbone(base.backbone, checkpoint).state_dict()
+    for (task, variant), outcomes in zip(keys, train_jobs_on_ray(chains, data, backbone_state,
+                                                                 storage_path=storage, stdout=stdout)):
+        model_cfg, train_cfg = variant_configs(params, variant)
+        received = []
+        for outcome in outcomes:
+            model = build_for_training(data[task], base.backbone, model_cfg, train_cfg, checkpoint, seed=base.seed)
+            load_trainable_state(model, outcome.best_state())
+            received.append((trained_record(task, model_cfg, model, outcome.history, outcome.best_epoch,
+                                            outcome.seconds), model.eval()))
+        (selected, selection_model), (trained, model) = received[0], received[-1]
+        yield VariantResult(task, variant, data[task].num_classes, model_cfg, trained, model, selected,
+                            selection_model if len(received) > 1 else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,6 +160,32 @@ def _load_peers():
     return module
 
 
+def test_each_ablation_removes_its_component_from_the_tuned_configuration(tmp_path):
+    """An ablation must differ from dyn_adapter by its component whatever the tuned values say: with a tuned
+    priority pattern in best_params, abl_no_priority used to keep it (it only cleared start/end lists) and
+    measured dyn_adapter again (identical figures on the 2026-11-30 bench)."""
+    from dynadapter.train.loop import _priority_schedule
+
+    from helpers import tiny_model
+
+    peers = _load_peers()
+    best = ["train.priority.pattern=deep_first", "train.priority.strength=0.6", "train.sparsity.p_max=0.3",
+            "train.sparsity.q=0.2"]
+    methods = {m.name: m for m in peers.all_methods([3, 6, 9, 12])}
+    cfg = {name: peers.method_configs(methods[name], "params.yaml", best)
+           for name in ("dyn_adapter", "abl_no_priority", "abl_no_forward_sparsity", "abl_no_backward_sparsity",
+                        "abl_no_balanced_heads")}
+    model = tiny_model(num_classes=3, depth=4)
+    assert _priority_schedule(model, cfg["dyn_adapter"][2]) is not None
+    assert _priority_schedule(model, cfg["abl_no_priority"][2]) is None  # flat weights: no schedule
+    assert cfg["abl_no_priority"][2].sparsity == cfg["dyn_adapter"][2].sparsity
+    assert not cfg["abl_no_forward_sparsity"][2].sparsity.forward and cfg["dyn_adapter"][2].sparsity.forward
+    assert not cfg["abl_no_backward_sparsity"][2].sparsity.backward and cfg["dyn_adapter"][2].sparsity.backward
+    assert not cfg["abl_no_balanced_heads"][1].heads.balanced and cfg["dyn_adapter"][1].heads.balanced
+    for name in ("abl_no_forward_sparsity", "abl_no_backward_sparsity", "abl_no_balanced_heads"):
+        assert cfg[name][2].priority == cfg["dyn_adapter"][2].priority  # the tuned pattern stays
+
+
 def test_frontier_picks_each_familys_operating_point_on_val_not_test():
     """Audit #14.4: the frontier used the best TEST accuracy within each budget (for DyT the best of four
     models by test). Each family's point is now chosen on val; test is only read off the chosen point."""

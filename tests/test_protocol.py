@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from dynadapter.adapt import (SELECTION_DIR, TaskData, evaluate_task, load_trained, retrain_on_trainval,
                               train_task, trainval_data)
-from dynadapter.config import ModelConfig, TrainConfig, parse_params
+from dynadapter.config import DeepSpeedConfig, ModelConfig, TrainConfig, parse_params
 from dynadapter.data.store import write_task
 from helpers import TINY, backbone_cfg, one_thread  # noqa: F401 - one_thread: autouse fixture
 from pipelines import evaluate as evaluate_stage
@@ -132,6 +132,8 @@ def test_train_stage_trains_through_deepspeed_on_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     factory = adapt.accelerator_strategy()
     assert factory.func is DeepSpeedStrategy and factory.keywords == {"ds": None, "placement": None}
+    zero2 = DeepSpeedConfig(zero_stage=2)
+    assert adapt.accelerator_strategy(zero2).keywords["ds"] is zero2  # train.deepspeed reaches the engine
     assert resolve_placement("auto", cuda=True, bf16_supported=True) == Placement("cuda", "nccl", "bf16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the run below is on the CPU
 
@@ -141,7 +143,7 @@ def test_train_stage_trains_through_deepspeed_on_a_gpu(tmp_path, monkeypatch):
         used.append(steps_per_epoch)
         return AdamWStrategy(model, cfg, steps_per_epoch)
 
-    monkeypatch.setattr(adapt, "accelerator_strategy", lambda: spy)
+    monkeypatch.setattr(adapt, "accelerator_strategy", lambda ds=None: spy)
     params = _stage_params(tmp_path, "standard")
     train_stage.run(params, None, stdout=io.StringIO())
     assert used == [2, 3, 2, 3]  # dyn: train800, train800val200; baseline: the same

@@ -36,7 +36,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 from dynadapter.tracking import CHAMPION  # noqa: E402
 from helpers import one_thread  # noqa: E402, F401
-from test_ray_job import _pids_under, ray_head  # noqa: E402, F401
+from ray_head import pids_under  # noqa: E402
+from test_ray_job import ray_head  # noqa: E402, F401
 from test_tracking import client, evaluated, pixels, registered, tracking_uri  # noqa: E402, F401
 
 psutil = pytest.importorskip("psutil")  # a Ray dependency
@@ -156,7 +157,7 @@ def test_single_machine_ray_head_of_the_tests_listens_on_loopback_only(ray_head)
         names = {s[1] for s in found}
         return RAY_COMPONENTS <= names and any(s[4] == dashboard_port for s in found)
 
-    found = wait_for_servers(lambda: with_descendants(_pids_under(temp_dir)), ready, "Ray head")
+    found = wait_for_servers(lambda: with_descendants(pids_under(temp_dir)), ready, "Ray head")
     assert_loopback_only(found, "the tests' Ray head")
 
 

@@ -251,15 +251,17 @@ def suite_curve(per_task: dict[str, dict], tasks: list[str]) -> list[dict]:
 Point = tuple[float, float, float]  # (cost checked against a budget, val accuracy, test accuracy)
 
 
-def family_points(summary: list[dict], curves: dict[str, list[dict]]) -> dict[str, list[Point]]:
+def family_points(summary: list[dict], curves: dict[str, list[dict]], dyn: str = "dyn_adapter"
+                  ) -> dict[str, list[Point]]:
     """Operating points of the three dynamic/static-depth families the target compares.
 
-    Dyn-Adapter's points are its val-calibrated budgets (cost = the budget itself); a rival's are its models
-    (cost = MACs fraction measured on val, val accuracy, test accuracy)."""
+    Dyn-Adapter's points (method `dyn`: the project's default PETL module) are its val-calibrated budgets
+    (cost = the budget itself); a rival's are its models (cost = MACs fraction measured on val, val
+    accuracy, test accuracy)."""
     by = {r["method"]: r for r in summary}
     rival = lambda r: (r["val_macs_fraction"], r["val_accuracy"], r["test_accuracy"])  # noqa: E731
     pts = {
-        "Dyn-Adapter": [(c["budget"], c["val_accuracy"], c["test_accuracy"]) for c in curves.get("dyn_adapter", [])],
+        "Dyn-Adapter": [(c["budget"], c["val_accuracy"], c["test_accuracy"]) for c in curves.get(dyn, [])],
         "DyT": [rival(r) for r in summary if r["family"] == "dyt"],
         "static truncation": [rival(r) for r in summary if r["family"] == "truncation"],
     }
@@ -393,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/peers"))
     ap.add_argument("--experiment", default="dynadapter-peers", help="MLflow experiment ('' = do not log)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached results in --out/runs")
+    ap.add_argument("--dyn-method", default=None,
+                    help="the Dyn-Adapter of the frontier and the budget target (default: dyn_<base.model.petl.method>)")
     args = ap.parse_args(argv)
 
     common = list(args.overrides)
@@ -453,19 +457,24 @@ def main(argv: list[str] | None = None) -> int:
     tasks = list(base.tasks)
     summary = suite_rows(results, tasks)
     curves = {m.name: suite_curve(results[m.name], tasks) for m in methods if m.kind == "dyn"}
-    frontier = frontier_table(family_points(summary, curves))
+    dyn = args.dyn_method or f"dyn_{params.base.model.petl.method}"
+    dyn = dyn if dyn in curves else "dyn_adapter"
+    frontier = frontier_table(family_points(summary, curves, dyn))
     by = {r["method"]: r for r in summary}
     target_50 = None
-    if "dyn_adapter" in curves and BASELINE in by:
-        at = next((c for c in curves["dyn_adapter"] if c["budget"] == base.budget), None)
-        target_50 = {"budget": base.budget, "dyn_adapter": at, "full_adapter": by[BASELINE]["test_accuracy"],
-                     "gap": (at["test_accuracy"] - by[BASELINE]["test_accuracy"]) if at else None}
+    if dyn in curves and BASELINE in by:
+        at = next((c for c in curves[dyn] if c["budget"] == base.budget), None)
+        same = by.get(dyn.replace("dyn_", "full_", 1), by[BASELINE])  # its own PETL module at full depth
+        target_50 = {"budget": base.budget, "method": dyn, dyn: at, "full_adapter": by[BASELINE]["test_accuracy"],
+                     "full_same_petl": same["test_accuracy"],
+                     "gap": (at["test_accuracy"] - by[BASELINE]["test_accuracy"]) if at else None,
+                     "gap_same_petl": (at["test_accuracy"] - same["test_accuracy"]) if at else None}
     args.out.mkdir(parents=True, exist_ok=True)
     plot(summary, curves, args.out / "accuracy_vs_macs.png")
     write_csv(args.out / "summary.csv", summary)
     write_csv(args.out / "frontier.csv", frontier)
     (args.out / "tables.md").write_text(markdown(summary, curves, frontier, results, tasks))
-    setup = {"tasks": tasks, "epochs": params.train.epochs, "lr": params.train.lr, "best_params": args.best,
+    setup = {"tasks": tasks, "frontier_method": dyn, "epochs": params.train.epochs, "lr": params.train.lr, "best_params": args.best,
              "overrides": common, "dyt_rates": DYT_RATES, "budgets": BUDGETS, "torch_threads": torch.get_num_threads(),
              "timing_batch": args.batch}
     report = {"setup": setup, "summary": summary, "curves": curves, "frontier": frontier, "target_50": target_50,

@@ -125,3 +125,35 @@ def dvc_project(root: Path, params: dict) -> Path:
     git(["add", "-A"], root)
     git(["commit", "-qm", "project"], root)
     return root
+
+
+class FailsOnce:
+    """A mixin for task data (before the dataclass it extends) whose attribute `attr` fails on its `at`-th read
+    in a process, and only for the first process of a test to get there (a marker file, claimed atomically):
+    how the fault tests make one Ray Train worker die or raise mid-run. `fail()` says how. Pickled with its read
+    count reset, so every worker counts its own reads."""
+
+    attr: str = "train"
+    at: int = 1
+
+    def __init__(self, *args, marker: str):
+        super().__init__(*args)
+        self.marker, self.reads = marker, 0
+
+    def __getstate__(self):
+        return {**self.__dict__, "reads": 0}
+
+    def fail(self) -> None:
+        raise NotImplementedError
+
+    def __getattribute__(self, name):
+        if name == type(self).attr:
+            self.reads += 1
+            if self.reads == type(self).at:
+                try:
+                    os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    pass
+                else:
+                    self.fail()
+        return super().__getattribute__(name)

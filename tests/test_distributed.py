@@ -17,7 +17,7 @@ from dynadapter.config import BackboneConfig, DeepSpeedConfig, ModelConfig, RayC
 from dynadapter.models import create_backbone
 from dynadapter.train.sparsity import BatchDropout
 
-from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread per module)
+from helpers import FailsOnce, one_thread  # noqa: F401  (one_thread: autouse, one intra-op thread per module)
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
 BATCH = 16  # the 1-worker batch; 2 workers take 8 each
@@ -112,31 +112,17 @@ class Task:
     num_classes: int
 
 
-class KilledOnce(Task):
+class KilledOnce(FailsOnce, Task):
     """Task data whose first reader of `val` in epoch 2 (end of its training, before its report) kills its
     worker process (os._exit, no cleanup): the run must come back through Ray Train's FailureConfig from its
     epoch-1 checkpoint. Killed at the end of epoch 2, not at its start: a kill right after a report can beat
     the controller to registering that report's checkpoint (seen: the restart then began from scratch). Once
     per test, across processes (a marker file)."""
 
-    def __init__(self, train, val, num_classes, marker: str):
-        super().__init__(train, val, num_classes)
-        self.marker, self.reads = marker, 0
+    attr, at = "val", 2  # one read of val per epoch, when the epoch's model is scored
 
-    def __getstate__(self):
-        return {**self.__dict__, "reads": 0}
-
-    def __getattribute__(self, name):
-        if name == "val":
-            self.reads += 1  # one read per epoch, when the epoch's model is scored
-            if self.reads == 2:
-                try:
-                    os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
-                except FileExistsError:
-                    pass
-                else:
-                    os._exit(9)
-        return super().__getattribute__(name)
+    def fail(self) -> None:
+        os._exit(9)
 
 
 def toy_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +162,8 @@ def test_two_workers_train_the_model_one_worker_trains(ray_session, tmp_path, ba
 
     from dynadapter.distributed import train_on_ray
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    for module in (__name__, "helpers"):  # workers cannot import the test modules
+        cloudpickle.register_pickle_by_value(sys.modules[module])
     data = {"toy": Task(toy_split(64, 0), toy_split(24, 1), 3)}  # 64 = 4 steps of 16 per epoch
     run = dict(storage_path=tmp_path, backbone_state=backbone_state)
 

@@ -36,7 +36,7 @@ from dynadapter.tune import (
     write_best_params,
 )
 
-from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread per module)
+from helpers import FailsOnce, one_thread  # noqa: F401  (one_thread: autouse, one intra-op thread per module)
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
 
@@ -247,28 +247,14 @@ def test_resource_plan_refuses_a_trial_that_cannot_fit():
 # ------------------------------------------------------------------------------------------ a real tune run
 
 
-class CrashOnce(TuneTask):
+class CrashOnce(FailsOnce, TuneTask):
     """Train data whose first worker to start its second epoch crashes (once per test, across processes):
     the trial must come back through Ray Train's FailureConfig from its epoch-1 checkpoint."""
 
-    def __init__(self, train, val, num_classes, marker: str):
-        super().__init__(train, val, num_classes)
-        self.marker, self.reads = marker, 0
+    attr, at = "train", 3  # read 1: steps per epoch; then one read per epoch
 
-    def __getstate__(self):
-        return {**self.__dict__, "reads": 0}
-
-    def __getattribute__(self, name):
-        if name == "train":
-            self.reads += 1  # read 1: steps per epoch; then one read per epoch
-            if self.reads == 3:
-                try:
-                    os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
-                except FileExistsError:
-                    pass
-                else:
-                    raise RuntimeError("injected worker crash at the start of epoch 2")
-        return super().__getattribute__(name)
+    def fail(self) -> None:
+        raise RuntimeError("injected worker crash at the start of epoch 2")
 
 
 @pytest.mark.slow
@@ -277,7 +263,8 @@ def test_tune_runs_trials_with_train_workers_and_survives_a_crash(ray_session, t
 
     from ray import cloudpickle
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    for module in (__name__, "helpers"):  # workers cannot import the test modules
+        cloudpickle.register_pickle_by_value(sys.modules[module])
     params = parse_params({
         "base": {"tasks": ["toy"], "backbone": {"overrides": TINY}},
         "train": {"batch_size": 16, "lr": 1e-2},

@@ -56,6 +56,39 @@ def test_rank_shards_of_the_dropout_stream_are_the_one_worker_masks():
     stream.remove()
 
 
+def test_dropout_stream_defaults_to_one_worker_at_step_0_and_checks_its_rank():
+    x = torch.ones(8, 40)
+
+    def out(model: nn.Module, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = BatchDropout(model, seed=7, **kw)
+        first, second = model(x), model(x)
+        stream.remove()
+        return first, second
+
+    one = out(nn.Dropout(0.5).train(), rank=0, world_size=1)
+    assert torch.equal(out(nn.Dropout(0.5).train())[0], one[0])  # the default is one worker
+    model = nn.Dropout(0.5).train()
+    stream = BatchDropout(model, seed=7)
+    stream.begin_step(0)  # no begin_step() is step 0
+    assert torch.equal(model(x), one[0])
+    stream.remove()
+    assert not torch.equal(one[0], one[1])  # the second call of a step draws on from the stream
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match=f"rank {rank} outside world_size {world}"):
+            BatchDropout(nn.Dropout(0.5), seed=0, rank=rank, world_size=world)
+
+
+def test_dropout_stream_is_inactive_without_a_positive_rate_and_removes_once():
+    assert not BatchDropout(nn.Sequential(nn.Dropout(0.0), nn.Linear(2, 2)), seed=0).active
+    assert not BatchDropout(nn.Linear(2, 2), seed=0).active
+    model = nn.Sequential(nn.Dropout(0.0), nn.Dropout(0.1))
+    stream = BatchDropout(model, seed=0)
+    assert stream.active and "forward" not in model[0].__dict__ and "forward" in model[1].__dict__
+    stream.remove()
+    stream.remove()  # idempotent
+    assert not stream.active and "forward" not in model[1].__dict__
+
+
 def test_two_simulated_ranks_with_averaged_gradients_train_the_one_rank_model():
     """The streams alone, without Ray or DeepSpeed: two model copies, each on its `iterate_batches` shard at
     batch b/2 with its rank's dropout and the shared-seed gradient masks, gradients averaged by hand before

@@ -27,6 +27,7 @@ from dynadapter.inference import (
     evaluate_thresholds,
     full_depth_forward,
     measure_stage_costs,
+    measure_throughput,
     pareto_front,
     run_dynamic,
     simulate,
@@ -253,6 +254,18 @@ def test_stage_costs_cumulative_and_dynamic_macs(method):
     assert static.full() == costs.full_depth_baseline()
     d = costs.to_dict()
     assert d["full_macs"] == costs.full() and d["cumulative_macs"] == cum
+
+
+def test_stage_costs_round_trip_through_their_logged_dict():
+    costs = StageCosts(embed=7, stages=[10, 20, 30], heads=[1, 2, 3], exits=[1, 2, 4])
+    d = costs.to_dict()
+    assert d == {"embed_macs": 7, "stage_macs": [10, 20, 30], "head_macs": [1, 2, 3],
+                 "cumulative_macs": [18, 40, 73], "full_macs": 73, "full_depth_baseline_macs": 70, "exits": [1, 2, 4]}
+    back = StageCosts.from_dict(d)
+    assert back == costs and back.cumulative() == [18, 40, 73]
+    logged = {"embed_macs": 7.0, "stage_macs": (10, 20, 30), "head_macs": (1, 2, 3)}  # as JSON may give it back
+    old = StageCosts.from_dict(logged)
+    assert old.embed == 7 and isinstance(old.embed, int) and old.stages == [10, 20, 30] and old.exits == []
 
 
 def test_mac_unit_is_multiply_accumulates():
@@ -546,6 +559,39 @@ def test_measured_speedup_is_consistent_with_the_exit_histogram(thresholds, exit
         assert limit > 2.5 and cmp.speedup > 1.4, (cmp, limit)  # measured 2.5-2.9; all exits timed: 0.8-1.2
     else:
         assert limit < 1.0
+
+
+def test_measure_throughput_is_images_over_the_median_timed_call(monkeypatch):
+    import dynadapter.inference.runtime as runtime
+
+    durations = iter([0.5, 0.1, 0.3, 9.0, 0.2])  # median 0.3 s
+    timed, calls = [], []
+    monkeypatch.setattr(runtime, "_time_once", lambda fn, x: (timed.append(x), next(durations))[1])
+
+    def fn(x):
+        calls.append(torch.is_grad_enabled())
+
+    x = torch.zeros(6, 3)  # 6 images
+    assert measure_throughput(fn, x, repeats=5, warmup=2) == pytest.approx(6 / 0.3)
+    assert len(timed) == 5 and calls == [False, False]  # the warm-up calls run fn directly, under no_grad
+    for repeats in (0, -1):
+        with pytest.raises(ValueError, match=f"repeats must be >= 1, got {repeats}"):
+            measure_throughput(fn, x, repeats=repeats)
+
+
+def test_set_thresholds_are_what_forward_dynamic_uses_by_default():
+    model = dyn_model()
+    x = images(11, seed=3)
+    th = [0.6, 0.7, 0.8, 2.0]
+    model.set_thresholds(th)
+    assert model.thresholds.dtype == torch.float32 and model.thresholds.tolist() == pytest.approx(th)
+    assert "thresholds" in model.state_dict()  # calibrated thresholds travel with the weights
+    implicit, explicit = model.forward_dynamic(x), model.forward_dynamic(x, th)
+    assert torch.equal(implicit.exit_index, explicit.exit_index) and torch.equal(implicit.preds, explicit.preds)
+    model.set_thresholds([0, 0, 0, 0])  # integers are fine; everybody then leaves at the first exit
+    assert model.thresholds.dtype == torch.float32 and not model.forward_dynamic(x).exit_index.any()
+    with pytest.raises(RuntimeError):
+        model.set_thresholds([0.5, 0.5])  # one per exit
 
 
 def test_curve_at_budgets_fills_budgets_whose_point_was_deduplicated():

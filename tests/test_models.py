@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from dynadapter.config import (
+    BackboneConfig,
     BaseSection,
     HeadsConfig,
     LoRAConfig,
@@ -451,3 +452,75 @@ def test_checkpoint_wrappers_and_bad_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_backbone_weights(target, tmp_path / "junk.safetensors")
+
+
+# ------------------------------------------------------------------------------ the embedded conv-stem ViT
+
+
+def _stem_layout(stem) -> list[tuple]:
+    out = []
+    for m in stem.layers:
+        if isinstance(m, torch.nn.Conv2d):
+            out.append(("conv", m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.bias is not None))
+        elif isinstance(m, torch.nn.GroupNorm):
+            out.append(("gn", m.num_groups, m.num_channels))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+@pytest.mark.parametrize("embed_dim,patch_size,bias,widths", [
+    (32, 8, True, [8, 16, 32]),  # channels double per stride-2 stage up to embed_dim
+    (24, 16, False, [8, 8, 12, 24]),  # never below 8 channels
+    (64, 2, True, [64]),
+])
+def test_convstem_layout(embed_dim, patch_size, bias, widths):
+    from dynadapter.models.convstem import ConvStem
+
+    stem = ConvStem(3, embed_dim, patch_size, bias=bias)
+    expected, c_in = [], 3
+    for w in widths:
+        expected += [("conv", c_in, w, (3, 3), (2, 2), (1, 1), False), ("gn", 1, w), ("GELU",)]
+        c_in = w
+    expected.append(("conv", c_in, embed_dim, (1, 1), (1, 1), (0, 0), bias))
+    assert _stem_layout(stem) == expected and stem.in_channels == 3
+    x = torch.randn(2, 3, 4 * patch_size, 4 * patch_size)
+    assert stem(x).shape == (2, embed_dim, 4, 4)  # one token per patch_size x patch_size patch
+
+
+@pytest.mark.parametrize("patch_size", [1, 3, 6, 12])
+def test_convstem_needs_a_power_of_two_patch(patch_size):
+    from dynadapter.models.convstem import ConvStem
+
+    with pytest.raises(ValueError, match=f"power-of-two patch_size >= 2, got {patch_size}"):
+        ConvStem(3, 32, patch_size)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_convstem_embed_keeps_timm_patch_geometry(qkv_bias):
+    from dynadapter.models.convstem import ConvStem, ConvStemEmbed
+
+    embed = ConvStemEmbed(img_size=32, patch_size=8, in_chans=1, embed_dim=16, bias=qkv_bias)
+    assert isinstance(embed.proj, ConvStem) and embed.proj.in_channels == 1
+    assert embed.num_patches == 16 and embed.grid_size == (4, 4)
+    last = embed.proj.layers[-1]
+    assert last.out_channels == 16 and (last.bias is not None) == qkv_bias
+    assert embed(torch.randn(2, 1, 32, 32)).shape == (2, 16, 16)  # flattened to (batch, tokens, dim)
+
+
+def test_convstem_pretrained_cfg_names_real_modules_and_no_hub():
+    import timm
+
+    from dynadapter.models import normalization
+
+    small = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    vit = create_backbone(BackboneConfig(name="vit_convstem", overrides=dict(img_size=48, **small)))
+    cfg = vit.pretrained_cfg
+    assert cfg["url"] == "" and cfg["num_classes"] == 0  # nothing to download; no classifier shipped
+    assert cfg["input_size"] == (3, 48, 48)
+    assert normalization(vit) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # inputs to [-1, 1]
+    modules = dict(vit.named_modules())
+    assert isinstance(modules[cfg["first_conv"]], torch.nn.Conv2d) and modules[cfg["first_conv"]].in_channels == 3
+    assert cfg["classifier"] == "head" and cfg["classifier"] in modules
+    deit = create_backbone(BackboneConfig(name="deit_tiny_patch16_224", overrides=dict(img_size=16, **small)))
+    assert normalization(deit) == (timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)

@@ -37,6 +37,7 @@ from dynadapter.train import (
     param_groups,
     warmup_cosine,
 )
+from dynadapter.train.sparsity import masks_digest
 
 from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread per module)
 
@@ -329,6 +330,93 @@ def test_fit_draws_a_fresh_mask_before_every_optimizer_step(monkeypatch):
         before, now = seen[step - 1][0], seen[step][0]
         same = sum(int((a == b).sum()) for a, b in zip(before, now)) / sum(a.numel() for a in now)
         assert same < 0.6, (step, same)  # independent draws at q = 0.5 agree on about half the entries
+
+
+def test_gradient_masker_rejects_q_outside_0_1_and_masks_nothing_without_trainable_params():
+    p = nn.Parameter(torch.zeros(4))
+    for q in (1.0, 1.5, -0.1):  # q = 1 would zero every gradient (and rescale by 1/0)
+        with pytest.raises(ValueError, match=rf"q must be in \[0, 1\), got {q}"):
+            GradientMasker([p], q)
+    frozen = nn.Parameter(torch.zeros(4), requires_grad=False)
+    for params in ([], [frozen]):  # its own generator then lives on the CPU
+        masker = GradientMasker(params, 0.5, seed=0)
+        assert masker.params == [] and not masker.active and masker.generator.device == torch.device("cpu")
+        masker.resample()
+        assert masker.masks == []
+        masker.remove()
+
+
+def test_gradient_masker_defaults_seed_0_and_records_nothing():
+    p = nn.Parameter(torch.zeros(1_000))
+    default, seeded, other = GradientMasker([p], 0.5), GradientMasker([p], 0.5, seed=0), GradientMasker([p], 0.5, seed=1)
+    for m in (default, seeded, other):
+        m.resample()
+    assert torch.equal(default.masks[0], seeded.masks[0]) and default.digests is None
+    assert not torch.equal(other.masks[0], seeded.masks[0])
+    for m in (default, seeded, other):
+        m.remove()
+
+
+def test_gradient_masker_from_config_passes_every_setting_through():
+    p = nn.Parameter(torch.zeros(1_000))
+    on, off = SparsityConfig(q=0.25), SparsityConfig(q=0.25, backward=False)
+
+    def masks_of(m: GradientMasker) -> torch.Tensor:
+        m.resample()
+        out = m.masks[0].clone()
+        m.remove()
+        return out
+
+    default = GradientMasker.from_config([p], on)
+    assert default.q == 0.25 and default.active and default.digests is None
+    assert torch.equal(masks_of(default), masks_of(GradientMasker([p], 0.25, seed=0)))
+    seeded = GradientMasker.from_config([p], on, seed=3, record=True)
+    assert seeded.digests == []
+    assert torch.equal(masks_of(seeded), masks_of(GradientMasker([p], 0.25, seed=3)))
+    assert len(seeded.digests) == 1
+    g = torch.Generator().manual_seed(11)
+    given = GradientMasker.from_config([p], on, generator=g)
+    assert given.generator is g
+    assert torch.equal(masks_of(given), masks_of(GradientMasker([p], 0.25, torch.Generator().manual_seed(11))))
+    disabled = GradientMasker.from_config([p], off)
+    assert not disabled.enabled and not disabled.active
+
+
+def test_gradient_masker_remove_twice_then_enable_again():
+    p = nn.Parameter(torch.zeros(10_000))
+    masker = GradientMasker([p], 0.5, seed=0)
+    assert masker.enabled is True and masker.active
+    masker.remove()
+    masker.remove()  # idempotent
+    assert masker.enabled is False and not masker.active and masker.masks == [None]
+    assert torch.equal(masked_grad(masker, p), torch.ones_like(p))
+    masker.enabled = True
+    assert masker.active and (masked_grad(masker, p) == 0).any()
+    masker.remove()
+
+
+def test_recorded_digests_name_each_steps_masks():
+    p, r = nn.Parameter(torch.zeros(64)), nn.Parameter(torch.zeros(3, 5))
+    masker = GradientMasker([p, r], 0.5, seed=0, record=True)
+    steps = []
+    for _ in range(3):
+        masker.resample()
+        steps.append(masker.masks)
+    assert masker.digests == [masks_digest(m) for m in steps]
+    assert len(set(masker.digests)) == 3 and all(len(d) == 64 for d in masker.digests)  # SHA-256 hex
+    masker.remove()
+
+
+def test_masks_digest_tells_apart_values_shapes_and_missing_masks():
+    a = torch.tensor([[True, False, True], [False, True, True]])
+    b = a.clone()
+    b[1, 2] = False
+    digest = masks_digest
+    assert digest([a]) == digest([a.clone()]) and digest([a]) != digest([b])
+    assert digest([a]) != digest([a.reshape(3, 2)])  # same bytes, another shape
+    assert digest([None, a]) != digest([None, b])  # masks after a missing one still count
+    assert digest([None, a]) != digest([a, None]) != digest([a])
+    assert digest([None]) != digest([])
 
 
 # --------------------------------------------------------------------------------------- optimizer and LR

@@ -484,6 +484,7 @@ def test_convstem_layout(embed_dim, patch_size, bias, widths):
         c_in = w
     expected.append(("conv", c_in, embed_dim, (1, 1), (1, 1), (0, 0), bias))
     assert _stem_layout(stem) == expected and stem.in_channels == 3
+    assert ConvStem(3, embed_dim, patch_size).layers[-1].bias is not None  # a patchify conv has a bias by default
     x = torch.randn(2, 3, 4 * patch_size, 4 * patch_size)
     assert stem(x).shape == (2, embed_dim, 4, 4)  # one token per patch_size x patch_size patch
 
@@ -506,6 +507,9 @@ def test_convstem_embed_keeps_timm_patch_geometry(qkv_bias):
     last = embed.proj.layers[-1]
     assert last.out_channels == 16 and (last.bias is not None) == qkv_bias
     assert embed(torch.randn(2, 1, 32, 32)).shape == (2, 16, 16)  # flattened to (batch, tokens, dim)
+    positional = ConvStemEmbed(32, 8, 1, 16)  # PatchEmbed's own positional order: img_size, patch_size, in_chans, dim
+    assert positional.num_patches == 16 and positional.proj.in_channels == 1
+    assert positional.proj.layers[-1].out_channels == 16
 
 
 def test_convstem_pretrained_cfg_names_real_modules_and_no_hub():

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from dynadapter.config import BackboneConfig
 from dynadapter.models.backbone import CheckpointError, create_backbone, freeze, load_backbone_weights
 from helpers import TINY, backbone_cfg, one_thread  # noqa: F401
-from vit_weights import save_google_npz, vit_to_npz
+from vit_weights import save_big_vision_npz, save_google_npz
 
 DEPTH = TINY["depth"]  # 4 blocks in the tiny target model
 
@@ -245,36 +245,6 @@ def test_shape_mismatch_message_lists_at_most_20(tmp_path):
 
 
 # ------------------------------------------------------------------------------ JAX / big_vision .npz
-
-
-_BIG_VISION_BLOCK_NAMES = {  # per-block sub-module names: original ViT -> big_vision
-    "LayerNorm_0": "LayerNorm_0",
-    "LayerNorm_2": "LayerNorm_1",
-    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
-    "MlpBlock_3": "MlpBlock_0",
-}
-
-
-def save_big_vision_npz(vit, path: Path, prefix: str = "params/") -> Path:
-    """`vit` in big_vision's layout: `params/` prefix, `pos_embedding` at the top, and the encoder blocks
-    stacked along a leading depth axis (`Transformer/encoderblock/...`, from `nn.scan`)."""
-    flat = vit_to_npz(vit)
-    out = {
-        f"{prefix}embedding/kernel": flat["embedding/kernel"],
-        f"{prefix}embedding/bias": flat["embedding/bias"],
-        f"{prefix}cls": flat["cls"],
-        f"{prefix}pos_embedding": flat["Transformer/posembed_input/pos_embedding"],
-        f"{prefix}Transformer/encoder_norm/scale": flat["Transformer/encoder_norm/scale"],
-        f"{prefix}Transformer/encoder_norm/bias": flat["Transformer/encoder_norm/bias"],
-    }
-    first = "Transformer/encoderblock_0/"
-    block0 = [k.removeprefix(first) for k in flat if k.startswith(first)]
-    for name in block0:
-        module, _, rest = name.partition("/")
-        stacked = np.stack([flat[f"Transformer/encoderblock_{i}/{name}"] for i in range(len(vit.blocks))])
-        out[f"{prefix}Transformer/encoderblock/{_BIG_VISION_BLOCK_NAMES[module]}/{rest}"] = stacked
-    np.savez(path, **out)
-    return path
 
 
 @pytest.mark.parametrize("layout", ["google", "big_vision"])

@@ -1,6 +1,6 @@
 """A timm VisionTransformer's weights written as Google's original ViT `.npz` (the layout of
 storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz, which timm's `_load_weights` reads), so tests can
-stand in for the real IN-21k file with random weights."""
+stand in for the real IN-21k file with random weights; and in big_vision's stacked layout (`save_big_vision_npz`)."""
 
 from __future__ import annotations
 
@@ -44,4 +44,35 @@ def save_google_npz(vit: VisionTransformer, path: str | Path) -> Path:
     """`vit` written as a Google ViT .npz file (`vit_to_npz`)."""
     path = Path(path)
     np.savez(path, **vit_to_npz(vit))
+    return path
+
+
+_BIG_VISION_BLOCK_NAMES = {  # per-block sub-module names: original ViT -> big_vision
+    "LayerNorm_0": "LayerNorm_0",
+    "LayerNorm_2": "LayerNorm_1",
+    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+    "MlpBlock_3": "MlpBlock_0",
+}
+
+
+def save_big_vision_npz(vit: VisionTransformer, path: str | Path, prefix: str = "params/") -> Path:
+    """`vit` in big_vision's layout: `params/` prefix, `pos_embedding` at the top, and the encoder blocks
+    stacked along a leading depth axis (`Transformer/encoderblock/...`, from `nn.scan`)."""
+    flat = vit_to_npz(vit)
+    out = {
+        f"{prefix}embedding/kernel": flat["embedding/kernel"],
+        f"{prefix}embedding/bias": flat["embedding/bias"],
+        f"{prefix}cls": flat["cls"],
+        f"{prefix}pos_embedding": flat["Transformer/posembed_input/pos_embedding"],
+        f"{prefix}Transformer/encoder_norm/scale": flat["Transformer/encoder_norm/scale"],
+        f"{prefix}Transformer/encoder_norm/bias": flat["Transformer/encoder_norm/bias"],
+    }
+    first = "Transformer/encoderblock_0/"
+    block0 = [k.removeprefix(first) for k in flat if k.startswith(first)]
+    for name in block0:
+        module, _, rest = name.partition("/")
+        stacked = np.stack([flat[f"Transformer/encoderblock_{i}/{name}"] for i in range(len(vit.blocks))])
+        out[f"{prefix}Transformer/encoderblock/{_BIG_VISION_BLOCK_NAMES[module]}/{rest}"] = stacked
+    path = Path(path)
+    np.savez(path, **out)
     return path

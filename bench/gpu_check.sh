@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
-# The CUDA path in one short run (about 5 minutes on one GPU). One line per check, PASS or FAIL:
+# The one command a GPU owner runs (budget: 8 minutes on one H100). One line per check, PASS, FAIL or SKIP, with
+# its figures and the peak GPU memory it took (bench/gpu_check.py says what each check does):
 #   deepspeed-zero0 / deepspeed-zero2  DeepSpeed bf16 + NCCL, one rank, ZeRO 0 and 2
-#   vit-b16-step                       ViT-B/16 training step, random weights, batch 64, 224 px: time, peak memory
-#   dynamic-vs-full                    compacted dynamic inference vs full depth, batch 256: speed-up, MACs fraction
+#   two-workers-bf16                   2 ranks (NCCL, bf16) train what 1 rank trains (2 GPUs; SKIP on 1)
+#   zero2-kill-resume                  ZeRO-2 `fit` killed after epoch 1, resumed: the uninterrupted weights
+#   vit-b16-step                       ViT-B/16 training step, random weights, batch 64, 224 px: time, memory
+#   tune-trial-b16                     one tune trial as presets/vtab1k_vitb16.yaml runs it, ViT-B/16, 224 px
+#   train-eval-ray                     train + evaluate stages through a local Ray, one GPU per worker
+#   dynamic-vs-full                    compacted dynamic inference vs full depth, batch 1, 64, 256: images/s
 #   pipeline                           `dvc repro` of the embedded default in a scratch clone, CUDA_VISIBLE_DEVICES
-#                                      set (epochs cut to fit the 5 minutes; GPU_CHECK_FULL=1 keeps params.yaml's)
-# Usage: bench/gpu_check.sh [--cpu-dry-run] [--no-pipeline]
+#                                      set (epochs cut to fit the budget; GPU_CHECK_FULL=1 keeps params.yaml's)
+# Usage: bench/gpu_check.sh [--cpu-dry-run] [--no-pipeline] [--out FILE]
 #   --cpu-dry-run  the python checks on the CPU at tiny shapes (what CI runs); the pipeline check is skipped
+#   --out FILE     where the whole output goes too (tee); default on a GPU: bench/results/gpu_check-<date>.txt,
+#                  the file BENCHMARKS.md cites; default with --cpu-dry-run: none
 # Python: .venv/bin/python if it exists (reused as it is), else `make install` creates it (minutes: the whole
-# stack is downloaded, so that first run takes longer than 5 minutes).
-# Exit: 0 all passed, 1 a check failed, 2 bad usage or no Python environment, 3 no CUDA device.
+# stack is downloaded, so that first run takes longer).
+# Exit: 0 all passed (SKIP included), 1 a check failed, 2 bad usage or no Python environment, 3 no CUDA device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-DRY=0 PIPELINE=1
-for arg in "$@"; do
-  case $arg in
+DRY=0 PIPELINE=1 OUT=
+while [[ $# -gt 0 ]]; do
+  case $1 in
     --cpu-dry-run) DRY=1 PIPELINE=0 ;;
     --no-pipeline) PIPELINE=0 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument $arg (see --help)" >&2; exit 2 ;;
+    --out) [[ $# -ge 2 ]] || { echo "gpu_check: --out needs a file" >&2; exit 2; }; OUT=$2; shift ;;
+    --out=*) OUT=${1#--out=} ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 export DS_BUILD_OPS=0 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true \
@@ -41,8 +51,20 @@ fi
 BIN=$(dirname "$PY")
 
 if [[ $DRY == 0 ]]; then
-  export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+  # GPUs 0 and 1 when there are two (the 2-worker check), else GPU 0; CUDA_VISIBLE_DEVICES set by the caller wins
+  if [[ -z ${CUDA_VISIBLE_DEVICES:-} ]]; then
+    NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    export CUDA_VISIBLE_DEVICES=$([[ ${NGPU:-0} -ge 2 ]] && echo 0,1 || echo 0)
+  fi
+  OUT=${OUT:-bench/results/gpu_check-$(date +%Y-%m-%d).txt}
+fi
+if [[ -n $OUT ]]; then
+  mkdir -p "$(dirname "$OUT")" || exit 2
+  exec > >(tee "$OUT") 2>&1   # everything below, stdout and stderr, on the terminal and in $OUT
+  echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)'), host $(hostname), output in $OUT"
+fi
+if [[ $DRY == 0 ]]; then
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
 fi
 
 START=$SECONDS
@@ -71,16 +93,22 @@ t.setdefault("scheduler", {})["grace_period"] = 1
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 EOF
     fi &&
-    PATH="$BIN:$PATH" PYTHONPATH="$WORK/repo" timeout "${GPU_CHECK_PIPELINE_TIMEOUT:-900}" "$BIN/dvc" repro &&
+    "$PY" - <<'EOF' &&
+import yaml  # a trial's worker asks Ray for the GPU, as a GPU owner sets it (params.yaml has 0: CPU boxes)
+p = yaml.safe_load(open("params.yaml"))
+p.setdefault("tune", {}).setdefault("ray", {})["gpus_per_worker"] = 1.0
+yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
+EOF
+    PATH="$BIN:$PATH" PYTHONPATH="$WORK/repo" timeout "${GPU_CHECK_PIPELINE_TIMEOUT:-300}" "$BIN/dvc" repro &&
     PATH="$BIN:$PATH" "$BIN/dvc" metrics show
   } >"$LOG" 2>&1
   PRC=$?
   cd "$ROOT"
   if [[ $PRC == 0 ]]; then
-    echo "PASS pipeline         dvc repro of the embedded default, CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES$([[ ${GPU_CHECK_FULL:-0} == 1 ]] || echo ', epochs cut'); $(grep -c "^Running stage" "$LOG") stages [$((SECONDS - T0)) s]"
+    echo "PASS pipeline          dvc repro of the embedded default, CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES$([[ ${GPU_CHECK_FULL:-0} == 1 ]] || echo ', epochs cut'); $(grep -c "^Running stage" "$LOG") stages [$((SECONDS - T0)) s]"
     rm -rf "$WORK"
   else
-    echo "FAIL pipeline         exit $PRC; last lines of $LOG:"; tail -n 15 "$LOG" | sed 's/^/    /'
+    echo "FAIL pipeline          exit $PRC; last lines of $LOG:"; tail -n 15 "$LOG" | sed 's/^/    /'
     FAILED=1
   fi
 fi

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dynadapter.atomic import replacing
 from dynadapter.config import BackboneConfig, DeepSpeedConfig, ModelConfig, TrainConfig
+from dynadapter.devices import to_host
 from dynadapter.data import load_split_tensors, read_manifest
 from dynadapter.inference import (
     calibrate,
@@ -37,16 +38,100 @@ from dynadapter.train import CheckpointMismatchError, fit, fit_resumable, load_t
 
 @dataclass
 class TaskData:
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    """A task's splits as (images, labels) tensors; a split not loaded is None (a train worker never gets test,
+    an evaluate worker never gets train).
+
+    `norm` None: the images are float32, normalised. `norm` (mean, std): they are uint8 [N, 3, H, W], 4x
+    smaller, the form in which they travel to Ray workers, and every consumer normalises per batch on the
+    device the batch is used on (`normalizing_inputs`), with the same float ops as `dynadapter.data.normalize`:
+    the values a model sees are exactly the float32 ones."""
+
+    train: tuple[torch.Tensor, torch.Tensor] | None
+    val: tuple[torch.Tensor, torch.Tensor] | None
+    test: tuple[torch.Tensor, torch.Tensor] | None
     num_classes: int
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def only(self, *splits: str) -> TaskData:
+        """The same data with every split not named dropped (None)."""
+        return replace(self, **{s: None for s in ("train", "val", "test") if s not in splits})
 
 
-def load_task(data_root: str | Path, task: str, img_size: int, mean, std) -> TaskData:
+SPLITS = ("train", "val", "test")
+
+
+def load_task(data_root: str | Path, task: str, img_size: int, mean, std, *,
+              splits: tuple[str, ...] = SPLITS, uint8: bool = False) -> TaskData:
+    """`splits` of a prepared task (the others None): float32 normalised, or with `uint8` decoded only, with
+    (mean, std) kept for per-batch normalisation where they are used (see TaskData)."""
     manifest = read_manifest(data_root, task)
-    splits = {s: load_split_tensors(data_root, task, s, img_size, mean, std) for s in ("train", "val", "test")}
-    return TaskData(splits["train"], splits["val"], splits["test"], int(manifest["num_classes"]))
+    if uint8:
+        from dynadapter.data import load_split_images
+
+        loaded = {s: load_split_images(data_root, task, s, img_size) for s in splits}
+        norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    else:
+        loaded = {s: load_split_tensors(data_root, task, s, img_size, mean, std) for s in splits}
+        norm = None
+    return TaskData(loaded.get("train"), loaded.get("val"), loaded.get("test"), int(manifest["num_classes"]), norm)
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """Where a task's prepared data is and how to load it (`load_task` arguments): what a Ray task that reads the
+    Parquet itself receives instead of the images. `root` is absolute, so it means the same in any working dir."""
+
+    root: str
+    task: str
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def load(self, splits: tuple[str, ...] = SPLITS, *, uint8: bool = True) -> TaskData:
+        return load_task(self.root, self.task, self.img_size, self.mean, self.std, splits=splits, uint8=uint8)
+
+    @property
+    def num_classes(self) -> int:
+        return int(read_manifest(self.root, self.task)["num_classes"])
+
+
+def to_model_input(x: torch.Tensor, device: torch.device | str | None,
+                   norm: tuple[Sequence[float], Sequence[float]] | None) -> torch.Tensor:
+    """A batch as a model takes it, on `device` (None: where it is): uint8 images moved there first, then
+    normalised there (`norm`: mean, std); float images only moved."""
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        if norm is None:
+            raise ValueError("uint8 images need (mean, std) to be normalised (TaskData.norm)")
+        from dynadapter.data import normalize
+
+        x = normalize(x, *norm)
+    return x
+
+
+@contextlib.contextmanager
+def normalizing_inputs(models: Sequence[torch.nn.Module | None], norm):
+    """Inside the block, each model normalises a uint8 image batch it is called with on its own device (a
+    forward pre-hook: the trainer, `evaluate` and calibration move batches and call `model(x)` as with float
+    images). Registered before a DeepSpeed strategy's cast hook, so the cast to bf16 sees normalised fp32. No-op
+    for `norm` None (float data)."""
+    if norm is None:
+        yield
+        return
+    from dynadapter.devices import module_device
+
+    def hook(module, args):
+        if args and torch.is_tensor(args[0]) and args[0].dtype == torch.uint8:
+            return (to_model_input(args[0], module_device(module), norm), *args[1:])
+        return None
+
+    handles = [m.register_forward_pre_hook(hook) for m in models if m is not None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass
@@ -129,26 +214,29 @@ def train_task(
     start = time.perf_counter()
     kwargs = dict(seed=seed, progress=progress, on_epoch_end=on_epoch_end, strategy=strategy, objective=objective,
                   rank=rank, world_size=world_size)
-    if checkpoint_path is not None:
-        result = fit_resumable(model, data.train, data.val, train_cfg, checkpoint_path=checkpoint_path, **kwargs)
-    else:
-        result = fit(model, data.train, data.val, train_cfg, **kwargs)
+    with normalizing_inputs([model], data.norm):  # uint8 data (a Ray worker's): normalised per batch on device
+        if checkpoint_path is not None:
+            result = fit_resumable(model, data.train, data.val, train_cfg, checkpoint_path=checkpoint_path, **kwargs)
+        else:
+            result = fit(model, data.train, data.val, train_cfg, **kwargs)
     return trained_record(task, model_cfg, model, result.history, result.best_epoch,
                           time.perf_counter() - start), model
 
 
-def build_for_training(data: TaskData, backbone_cfg: BackboneConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
-                       checkpoint: str | Path | Mapping[str, torch.Tensor] | None, *, seed: int = 0,
-                       builder=None) -> DynAdapterViT:
+def build_for_training(data: TaskData | int, backbone_cfg: BackboneConfig, model_cfg: ModelConfig,
+                       train_cfg: TrainConfig, checkpoint: str | Path | Mapping[str, torch.Tensor] | None, *,
+                       seed: int = 0, builder=None) -> DynAdapterViT:
     """The model `train_task` trains, before training: the same seed, so the same initial PETL and head weights
-    wherever it is built (here, on a Ray worker, or to receive weights trained elsewhere)."""
+    wherever it is built (here, on a Ray worker, or to receive weights trained elsewhere). `data`: the task's
+    data, or only its number of classes (all that is read here)."""
+    num_classes = data if isinstance(data, int) else data.num_classes
     torch.manual_seed(seed)
     if isinstance(checkpoint, Mapping):
         backbone = create_backbone(backbone_cfg.model_copy(update={"checkpoint": None}))
         backbone.load_state_dict(checkpoint)
     else:
         backbone = create_backbone(backbone_cfg, checkpoint)
-    return (builder or build_model)(backbone_cfg, model_cfg, data.num_classes, train_cfg.sparsity,
+    return (builder or build_model)(backbone_cfg, model_cfg, num_classes, train_cfg.sparsity,
                                     backbone=backbone)
 
 
@@ -169,7 +257,7 @@ def trainval_data(data: TaskData) -> TaskData:
     """train800 ∪ val200 as the training set and no validation split: the standard protocol's final fit."""
     x = torch.cat([data.train[0], data.val[0]])
     y = torch.cat([data.train[1], data.val[1]])
-    return TaskData((x, y), None, data.test, data.num_classes)  # type: ignore[arg-type]
+    return TaskData((x, y), None, data.test, data.num_classes, data.norm)
 
 
 def retrain_on_trainval(task: str, data: TaskData, backbone_cfg: BackboneConfig, model_cfg: ModelConfig,
@@ -201,17 +289,28 @@ def accelerator() -> torch.device | None:
 
 @contextlib.contextmanager
 def placed_on(models: list[torch.nn.Module], device: torch.device | str | None):
-    """`models` on `device` inside the block and back on the CPU after it (no-op for None / CPU)."""
+    """`models` on `device` inside the block and on the CPU again after it (no-op for None / CPU).
+
+    The CPU tensors are kept and put back, not copied back from the device: nothing changes them inside the
+    block, it saves the device-to-host copy, and it also works for `meta` (the tests' fake accelerator), which
+    holds no values to copy back."""
     if device is None or torch.device(device).type == "cpu":
         yield
         return
+    kept = [(mod, kind, name, t) for m in models for mod in m.modules()
+            for kind, tensors in (("param", mod._parameters), ("buffer", mod._buffers))
+            for name, t in tensors.items() if t is not None]
+    kept = [(mod, kind, name, t.data if kind == "param" else t) for mod, kind, name, t in kept]
     for m in models:
         m.to(device)
     try:
         yield
     finally:
-        for m in models:
-            m.to("cpu")
+        for mod, kind, name, t in kept:
+            if kind == "param":  # a new Parameter: `.data =` refuses a meta -> CPU change
+                mod._parameters[name] = torch.nn.Parameter(t, requires_grad=mod._parameters[name].requires_grad)
+            else:
+                mod._buffers[name] = t
 
 
 def merged_for_inference(model: DynAdapterViT, thresholds: list[float] | None = None) -> DynAdapterViT:
@@ -232,47 +331,51 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
     `dynadapter.inference.calibrate`), then evaluate once on test (and the val-calibrated threshold sweep on
     test). Both calibration modes are also scored on held-out val halves (`mode_comparison`), so whether
     `search` beats the default can be judged without test. `throughput_batch` > 0 also times compacted
-    dynamic inference against full depth on that many test images. Leaves the model merged, in eval mode,
-    holding the calibrated thresholds.
+    dynamic inference against full depth on that many test images, on `device`. Leaves the model merged, in
+    eval mode, holding the calibrated thresholds. Reads only `data.val` and `data.test`; uint8 images
+    (TaskData.norm) are normalised batch by batch on `device`.
 
     calibration_model: a model of the same architecture whose val logits choose the thresholds (and the sweep)
     instead of `model`'s own: under the standard protocol `model` has trained on val200, so its val
     confidences are optimistic; the train800-only model it was selected with has not (thresholds transfer).
-    device: where the val/test forward passes run (e.g. a GPU); MACs are measured, and the model is left, on
-    the CPU."""
+    device: where the val/test forward passes and the throughput timing run (e.g. a GPU); MACs are measured,
+    and the model is left, on the CPU."""
     merged_for_inference(model)
     costs = measure_stage_costs(model)
     if calibration_model is not None:
         merged_for_inference(calibration_model)
-    with placed_on([m for m in (model, calibration_model) if m is not None], device):
-        val_logits = collect_exit_logits(calibration_model or model, data.val[0]).cpu()
-        test_logits = collect_exit_logits(model, data.test[0]).cpu()
     val_y, test_y = data.val[1], data.test[1]
+    models = [m for m in (model, calibration_model) if m is not None]
+    with placed_on(models, device), normalizing_inputs(models, data.norm):
+        val_logits = to_host(collect_exit_logits(calibration_model or model, data.val[0]))
+        test_logits = to_host(collect_exit_logits(model, data.test[0]))
 
-    cal = calibrate(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
-                    confidence=model.confidence, mode=calibration)
-    model.set_thresholds(cal.thresholds)
-    ev = evaluate_thresholds(test_logits, test_y, cal.thresholds, costs, model.confidence)
+        cal = calibrate(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
+                        confidence=model.confidence, mode=calibration)
+        model.set_thresholds(cal.thresholds)
+        ev = evaluate_thresholds(test_logits, test_y, cal.thresholds, costs, model.confidence)
 
-    curve, modes = [], None
-    if len(model.exits) > 1:
-        points = sweep(val_logits=val_logits, val_labels=val_y, costs=costs, confidence=model.confidence,
-                       mode=calibration)
-        modes = compare_modes(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
-                              confidence=model.confidence)
-        front = {id(p) for p in pareto_front(points)}
-        for p in points:
-            t = evaluate_thresholds(test_logits, test_y, p.thresholds, costs, model.confidence)
-            curve.append({
-                "thresholds": p.thresholds, "val_accuracy": p.accuracy, "val_fraction": p.fraction,
-                "budget": p.budget_fraction, "test_accuracy": t.accuracy, "test_macs": t.macs,
-                "test_fraction": t.fraction, "val_pareto": id(p) in front,
-            })
+        curve, modes = [], None
+        if len(model.exits) > 1:
+            points = sweep(val_logits=val_logits, val_labels=val_y, costs=costs, confidence=model.confidence,
+                           mode=calibration)
+            modes = compare_modes(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
+                                  confidence=model.confidence)
+            front = {id(p) for p in pareto_front(points)}
+            for p in points:
+                t = evaluate_thresholds(test_logits, test_y, p.thresholds, costs, model.confidence)
+                curve.append({
+                    "thresholds": p.thresholds, "val_accuracy": p.accuracy, "val_fraction": p.fraction,
+                    "budget": p.budget_fraction, "test_accuracy": t.accuracy, "test_macs": t.macs,
+                    "test_fraction": t.fraction, "val_pareto": id(p) in front,
+                })
 
-    throughput = None
-    if throughput_batch > 0:
-        x = data.test[0][:throughput_batch]
-        throughput = asdict(dynamic_vs_full(model, x, cal.thresholds, repeats=repeats))
+        throughput = None
+        if throughput_batch > 0:
+            # timed where the model is (inside the block: on `device`), the batch moved and normalised there
+            # first, so neither the copy nor the normalisation is timed
+            x = to_model_input(data.test[0][:throughput_batch], device, data.norm)
+            throughput = asdict(dynamic_vs_full(model, x, cal.thresholds, repeats=repeats))
 
     return Evaluated(
         stage_macs=costs.to_dict(),
@@ -378,7 +481,24 @@ def load_trained(out_dir: str | Path, checkpoint: str | Path | None) -> tuple[Dy
     return model, trained, model_cfg
 
 
-def load_task_for(base, task: str) -> TaskData:
-    """A task from base.paths.data, resized and normalised as base.backbone expects."""
-    mean, std = normalization(create_backbone(base.backbone))
-    return load_task(base.paths.data, task, base.backbone.img_size, mean, std)
+def task_sources(base, tasks: Sequence[str] | None = None) -> dict[str, TaskSource]:
+    """{task: where it is in base.paths.data (made absolute) and how base.backbone wants it resized and
+    normalised} for `tasks` (default base.tasks)."""
+    mean, std = normalization(create_backbone(base.backbone))  # built once, for its pretrained_cfg
+    return {task: _source(base, task, mean, std) for task in (base.tasks if tasks is None else tasks)}
+
+
+def task_source(base, task: str) -> TaskSource:
+    """Where `task` is in base.paths.data (made absolute) and how base.backbone wants it resized and normalised."""
+    return task_sources(base, [task])[task]
+
+
+def _source(base, task: str, mean, std) -> TaskSource:
+    return TaskSource(str(Path(base.paths.data).resolve()), task, base.backbone.img_size,
+                      tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def load_task_for(base, task: str, *, splits: tuple[str, ...] = SPLITS, uint8: bool = False) -> TaskData:
+    """A task from base.paths.data, resized and normalised as base.backbone expects (`splits` only; `uint8`:
+    decoded, normalised later per batch, see TaskData)."""
+    return task_source(base, task).load(splits, uint8=uint8)

@@ -262,7 +262,24 @@ class RayConfig(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks) per trial.")
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs reserved per worker; fractions let small trials share a core.")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; > 0 trains on CUDA with NCCL.")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per worker, as Ray assigns them; > 0 trains on CUDA with NCCL (each worker on "
+        "the GPU Ray gave it). 0 on a machine with GPUs stops the run with an error naming this key. Fractions "
+        "share a GPU between trials or evaluations, and need num_workers 1: NCCL refuses two ranks of one run "
+        "on one GPU.")
+    autoscaling: bool = Field(
+        False, description="The cluster adds nodes on demand (Ray autoscaler): plan for the resources asked "
+        "for, not for the nodes up now (tune does not refuse to start on a cluster whose GPU nodes are still "
+        "to come; trials wait for them).")
+
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> "RayConfig":
+        if self.num_workers > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError(
+                f"gpus_per_worker={self.gpus_per_worker:g} with num_workers={self.num_workers}: Ray may put two "
+                "ranks of one run on one GPU, which NCCL refuses; use a whole number of GPUs per worker (or "
+                "num_workers: 1 to share GPUs between trials)")
+        return self
 
 
 class DeepSpeedConfig(Section):
@@ -271,6 +288,11 @@ class DeepSpeedConfig(Section):
         "workers). Stage 3 is not offered: it shards parameters, and PETL trains too few for it to pay.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a CUDA GPU that supports it, else fp32 (fp16 is not supported).")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches (of train.batch_size each) whose gradients are summed into one "
+        "optimizer step: the step's batch is batch_size x this x workers, for a GPU that cannot hold it at once. "
+        "Gradient masks are drawn once per optimizer step; the LR schedule counts optimizer steps. Must divide "
+        "the micro-batches of an epoch (a checkpoint falls on a step boundary).")
 
 
 class TrainConfig(OptimConfig):

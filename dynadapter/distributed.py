@@ -1,8 +1,8 @@
 """Ray Train runs outside Tune: one task's (or a trial's) training on `num_workers` data-parallel DeepSpeed
-workers, the same worker loop a tune trial runs (`dynadapter.tune._train_worker`), its per-rank final state
+workers, the same worker loop a tune trial runs (`dynadapter.trial.train_worker`), its per-rank final state
 read back. docs/distributed.md says what W workers compute and why it equals what 1 worker computes.
 
-Ray is imported lazily; a Ray session must be running (`dynadapter.tune.init_ray`).
+Ray is imported lazily; a Ray session must be running (`dynadapter.ray_session.init_ray`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dynadapter.config import RayConfig
+from dynadapter.train.checkpoint import rank_file
 
 
 def torch_trainer(worker, loop_config: dict, *, num_workers: int, worker_cpu: float, worker_gpu: float,
@@ -31,6 +32,8 @@ def torch_trainer(worker, loop_config: dict, *, num_workers: int, worker_cpu: fl
     return TorchTrainer(
         worker,
         train_loop_config={**loop_config, "threads": max(1, int(worker_cpu))},
+        # use_gpu: Ray Train then builds an NCCL group and sets each worker's CUDA_VISIBLE_DEVICES, from which
+        # `dynadapter.devices.worker_device` reads its own GPU
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=bool(worker_gpu),
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -41,6 +44,12 @@ def torch_trainer(worker, loop_config: dict, *, num_workers: int, worker_cpu: fl
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
+
+
+def task_options(ray_cfg: RayConfig) -> dict[str, float]:
+    """What each Ray task of a stage (e.g. one evaluation) asks Ray for: `ray_cfg`'s CPUs and GPUs per worker.
+    Asking for the GPU is what lets the task use one (`dynadapter.devices.worker_device`)."""
+    return {"num_cpus": ray_cfg.cpus_per_worker, "num_gpus": ray_cfg.gpus_per_worker}
 
 
 def fit_trainer(worker, loop_config: dict, ray_cfg: RayConfig, *, storage_path: str, name: str,
@@ -55,12 +64,6 @@ def fit_trainer(worker, loop_config: dict, ray_cfg: RayConfig, *, storage_path: 
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} in {storage_path} reported no checkpoint")
     return result
-
-
-def rank_file(rank: int) -> str:
-    """A rank's file in an epoch checkpoint: each rank writes its own (under ZeRO 1/2 optimizer state is
-    per rank)."""
-    return f"rank{rank}.pt"
 
 
 def rank_states(result, ranks) -> list[Any]:
@@ -90,19 +93,21 @@ class DistributedRun:
 def train_on_ray(spec, data: Mapping[str, Any], backbone_state: Mapping[str, torch.Tensor], ray_cfg: RayConfig, *,
                  storage_path: str | Path, name: str, max_failures: int = 0, checkpoints_to_keep: int = 2
                  ) -> DistributedRun:
-    """Train `spec.tasks` (a `dynadapter.tune.TrialSpec`) for `spec.train['epochs']` epochs on
+    """Train `spec.tasks` (a `dynadapter.trial.TrialSpec`) for `spec.train['epochs']` epochs on
     `ray_cfg.num_workers` Ray Train workers, each with batch `spec.train['batch_size']`, through the DeepSpeed
     engine tune uses. `data`: {task: TuneTask-like (train, val, num_classes)}, shipped to the workers through
     the object store with the backbone weights. Rerunning the same `name` in the same `storage_path` resumes
     from the run's last epoch checkpoint (and returns at once if it had finished)."""
     import ray
 
-    from dynadapter.tune import _local_path, _train_worker
+    from dynadapter.ray_session import check_shared_storage, storage_uri
+    from dynadapter.trial import train_worker
 
-    storage = _local_path(storage_path)
+    storage = storage_uri(storage_path)
+    check_shared_storage(storage, "storage_path")
     loop_config = {"spec": asdict(spec), "data": ray.put({t: data[t] for t in spec.tasks}),
                    "backbone": ray.put({k: v.contiguous() for k, v in backbone_state.items()})}
-    result = fit_trainer(_train_worker, loop_config, ray_cfg, storage_path=storage, name=name,
+    result = fit_trainer(train_worker, loop_config, ray_cfg, storage_path=storage, name=name,
                          max_failures=max_failures, checkpoints_to_keep=checkpoints_to_keep)
     states = rank_states(result, range(ray_cfg.num_workers))
     try:

@@ -8,11 +8,7 @@ Ray is imported lazily, so importing this module has no Ray side effects.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,75 +17,15 @@ from typing import Any
 import torch
 import yaml
 
-from dynadapter.config import DeepSpeedConfig, Params, RayConfig, TrainConfig, TuneConfig
+from dynadapter.config import Params, RayConfig, TrainConfig, TuneConfig
+from dynadapter.ray_session import check_shared_storage, init_ray, storage_uri
+from dynadapter.trial import METRIC, TrialSpec, train_worker
 
-METRIC = "val_budget_acc"  # mean over tune tasks of val accuracy at tune.budget, thresholds calibrated on val
+__all__ = ["METRIC", "TrialSpec", "init_ray"]  # re-exported: the names users and tests import from here
+
 STOPPED = "stopped"  # in a trial's last result: why it stopped without finishing (its loss went non-finite)
 MODE = "max"
 TRAINABLE_CPU = 0.01  # the trial's driver function only waits on its TorchTrainer (Ray rejects 0)
-
-
-# ------------------------------------------------------------------------------------------ Ray session
-
-
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict[str, float]:
-    """Join a Ray cluster or start a local one; returns the cluster's resources.
-
-    Order: `address` (params `tune.ray.address`), then the RAY_ADDRESS environment variable, else a local Ray
-    with this machine's CPUs (or `num_cpus`). A session already started is reused.
-
-    The local Ray runs its dashboard (on 127.0.0.1, a free port) because Ray Train V2 needs the State API it
-    serves: when Tune stops a trial (ASHA, or the last epoch reached), the trial's Train controller dies with
-    it, and only Train's PlacementGroupCleaner, polling the State API, frees the workers' placement group.
-    Without it every finished trial keeps its workers' CPUs and the next trial waits forever (measured).
-
-    Every server of the local Ray (GCS, raylet, object manager, dashboard and its agent, runtime-env agent,
-    metrics, workers) listens on loopback only (`_loopback_node`); Ray's token authentication, which Ray turns on
-    by default for a new local instance, stays as Ray sets it (docs/security.md).
-    """
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("DS_BUILD_OPS", "0")  # DeepSpeed JIT-builds only the small ops it needs
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            ray.init(address=address)
-        else:
-            from dynadapter.train.deepspeed import free_port
-
-            port = free_port()
-            # The placement-group cleaner finds the State API by auto-detecting the cluster, which fails when
-            # other Ray instances run on the machine ("Found multiple active Ray instances"): name ours. Set
-            # before the start, so the raylet and every worker it spawns inherit it.
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-            # "local": a new instance; with address=None Ray would join any `ray start` head on this machine
-            with _loopback_node():
-                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
-                         dashboard_host="127.0.0.1", dashboard_port=port)
-    return dict(ray.cluster_resources())
-
-
-@contextlib.contextmanager
-def _loopback_node():
-    """Make the local Ray's node IP 127.0.0.1, for the duration of its `ray.init`.
-
-    Ray binds its servers by the node IP: a non-loopback node IP puts the GCS, raylet and worker gRPC servers on
-    all interfaces and the dashboard agent and runtime-env agent on the machine's network address (measured,
-    Ray 2.60). An explicit `_node_ip_address="127.0.0.1"` does not help, Ray resolves it to the machine's
-    reachable address; it keeps loopback only while multi-node clusters are off, which is what its
-    ENABLE_RAY_CLUSTER constant (env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read at import) says. The started
-    processes get the node IP on their command lines, so the switch is needed only in this process, and only
-    while the instance starts: a later `ray.init(address=...)` to a real cluster must see the real address.
-    """
-    from ray._private import ray_constants
-
-    previous = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 # ------------------------------------------------------------------------------------------ resources
@@ -122,12 +58,17 @@ def plan_resources(cluster: Mapping[str, float], ray_cfg: RayConfig, max_concurr
     fits = math.floor(cpus / trial_cpu + 1e-9)
     if trial_gpu > 0:
         fits = min(fits, math.floor(gpus / trial_gpu + 1e-9))
+    if fits < 1 and ray_cfg.autoscaling:  # the nodes that fit a trial are still to come: trials wait for them
+        fits = max_concurrent or 1
+        print(f"tune: the cluster has {cpus:g} CPU and {gpus:g} GPU now; one trial needs {trial_cpu:g} CPU and "
+              f"{trial_gpu:g} GPU: waiting for the autoscaler (tune.ray.autoscaling), {fits} trial(s) at once",
+              flush=True)
     if fits < 1:
         raise ValueError(
             f"tune.ray: one trial needs {trial_cpu:g} CPU and {trial_gpu:g} GPU (num_workers="
             f"{ray_cfg.num_workers}, cpus_per_worker={ray_cfg.cpus_per_worker}, gpus_per_worker="
             f"{ray_cfg.gpus_per_worker}, plus {TRAINABLE_CPU} for the trial itself), the cluster has {cpus:g} CPU "
-            f"and {gpus:g} GPU"
+            f"and {gpus:g} GPU (on an autoscaling cluster, set tune.ray.autoscaling: true)"
         )
     if max_concurrent is not None:
         fits = min(fits, max_concurrent)
@@ -221,193 +162,6 @@ def apply_overrides_to(train: TrainConfig, overrides: Mapping[str, Any]) -> Trai
 
 
 # ------------------------------------------------------------------------------------------ one trial's training
-
-
-@dataclass
-class TrialSpec:
-    """Everything a trial's workers need besides the data (plain, picklable)."""
-
-    backbone: dict  # BackboneConfig dump
-    model: dict  # ModelConfig dump
-    train: dict  # TrainConfig dump, with the trial's overrides and epochs = tune.epochs
-    deepspeed: dict  # DeepSpeedConfig dump
-    budget: float
-    seed: int
-    tasks: list[str]
-    record_masks: bool = False  # keep a digest of every step's gradient masks in the state (equivalence checks)
-
-
-class TaskRun:
-    """One task's model, DeepSpeed strategy, gradient masker and shuffle stream on one rank: trained an epoch
-    at a time (so a trial can interleave its tasks and report after every epoch) and scored on val.
-
-    The same pieces `fit` uses (`run_epoch`, `iterate_batches` sharded by rank, `GradientMasker`, the priority
-    schedule); `state()` / `load()` round-trip everything, so a resumed trial continues exactly."""
-
-    def __init__(self, task: str, data, spec: TrialSpec, backbone_state: Mapping[str, torch.Tensor], *,
-                 rank: int = 0, world_size: int = 1):
-        from dynadapter.config import BackboneConfig, ModelConfig
-        from dynadapter.inference import measure_stage_costs
-        from dynadapter.models import build_model, create_backbone, merge_petl
-        from dynadapter.train.deepspeed import DeepSpeedStrategy
-        from dynadapter.train.loop import _priority_schedule, num_batches, rank_dropout
-        from dynadapter.train.sparsity import GradientMasker
-
-        self.task, self.data, self.rank, self.world_size = task, data, rank, world_size
-        self.cfg = TrainConfig.model_validate(spec.train)
-        self.budget = spec.budget
-        backbone_cfg = BackboneConfig.model_validate(spec.backbone)
-        torch.manual_seed(spec.seed)  # same initial heads/PETL weights in every trial and on every rank
-        backbone = create_backbone(backbone_cfg)
-        backbone.load_state_dict(backbone_state)
-        self.model = build_model(backbone_cfg, ModelConfig.model_validate(spec.model), data.num_classes,
-                                 self.cfg.sparsity, backbone=backbone)
-        merged = copy.deepcopy(self.model).eval()
-        merge_petl(merged)  # budgets count what inference runs: merged Rep-Adapter / LoRA cost nothing
-        self.costs = measure_stage_costs(merged)
-        del merged
-        self.steps_per_epoch = num_batches(data.train, self.cfg.batch_size, world_size)
-        self.strategy = DeepSpeedStrategy(self.model, self.cfg, self.steps_per_epoch,
-                                          DeepSpeedConfig.model_validate(spec.deepspeed))
-        self.schedule = _priority_schedule(self.model, self.cfg)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        masker = GradientMasker.from_config(trainable, self.cfg.sparsity, seed=spec.seed + 1,
-                                            record=spec.record_masks)
-        self.masker = masker if masker.active else None
-        self.dropout = rank_dropout(self.model, self.cfg, spec.seed, rank, world_size)  # as `fit` draws it
-        self.shuffle = torch.Generator().manual_seed(spec.seed)
-        self.epoch = 0
-
-    def train_epoch(self) -> dict[str, Any]:
-        from dynadapter.train.loop import iterate_batches, run_epoch
-
-        batches = iterate_batches(self.data.train, self.cfg.batch_size, shuffle=True, generator=self.shuffle,
-                                  rank=self.rank, world_size=self.world_size)
-        metrics, _ = run_epoch(
-            self.strategy.module, batches, self.strategy, self.schedule,
-            global_step=self.epoch * self.steps_per_epoch, total_steps=self.cfg.epochs * self.steps_per_epoch,
-            masker=self.masker, distill=self.cfg.distill, temperature=self.cfg.distill_temperature,
-            epoch=self.epoch + 1, dropout=self.dropout,
-        )
-        self.epoch += 1
-        return metrics
-
-    @torch.no_grad()
-    def score(self) -> dict[str, Any]:
-        """Calibrate exit thresholds on val at the budget: the val accuracy they reach is the trial metric."""
-        from dynadapter.inference import calibrate, collect_exit_logits
-
-        x, y = self.data.val
-        logits = collect_exit_logits(self.model, x)
-        y = y.to(logits.device)
-        cal = calibrate(val_logits=logits, val_labels=y, costs=self.costs, budget_fraction=self.budget,
-                        confidence=self.model.confidence)
-        per_exit = [float((lg.argmax(-1) == y).float().mean()) for lg in logits]
-        return {METRIC: cal.val_accuracy, "val_budget_fraction": cal.fraction, "val_budget_feasible": cal.feasible,
-                "val_acc_mean": sum(per_exit) / len(per_exit), "val_acc_last": per_exit[-1]}
-
-    def state(self) -> dict[str, Any]:
-        from dynadapter.train.loop import trainable_state
-
-        return {"epoch": self.epoch, "model": trainable_state(self.model), "strategy": self.strategy.state_dict(),
-                "shuffle": self.shuffle.get_state(),
-                "masker": self.masker.state_dict() if self.masker is not None else None,
-                "mask_digests": list(self.masker.digests or []) if self.masker is not None else []}
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        from dynadapter.train.loop import load_trainable_state
-
-        load_trainable_state(self.model, state["model"])  # weights first: ZeRO reloads its master copy after
-        self.strategy.load_state_dict(state["strategy"])
-        self.shuffle.set_state(state["shuffle"])
-        if self.masker is not None and state["masker"] is not None:
-            self.masker.load_state_dict(state["masker"])
-            if self.masker.digests is not None:
-                self.masker.digests[:] = state.get("mask_digests", [])
-        self.epoch = int(state["epoch"])
-
-    def close(self) -> None:
-        if self.masker is not None:
-            self.masker.remove()
-        if self.dropout is not None:
-            self.dropout.remove()
-        self.strategy.close()
-
-
-class TrialTrainer:
-    """All tune tasks of one trial on one rank; `step()` trains every task one epoch and returns the metrics
-    Tune sees (the mean over tasks of each score, plus per-task `val_budget_acc_<task>`)."""
-
-    def __init__(self, spec: TrialSpec, data: Mapping[str, Any], backbone_state, *, rank: int = 0,
-                 world_size: int = 1):
-        self.spec = spec
-        self.runs = [TaskRun(t, data[t], spec, backbone_state, rank=rank, world_size=world_size)
-                     for t in spec.tasks]
-        torch.manual_seed(spec.seed)  # dropout draws: one stream, tasks in a fixed order
-
-    @property
-    def epoch(self) -> int:
-        return self.runs[0].epoch
-
-    @property
-    def epochs(self) -> int:
-        return self.runs[0].cfg.epochs
-
-    def step(self) -> dict[str, Any]:
-        per_task = {}
-        for run in self.runs:
-            train = run.train_epoch()
-            per_task[run.task] = {"train_loss": train["train_loss"], "step_seconds": train["seconds"] /
-                                  max(1, train["steps"]), **run.score()}
-        keys = ("train_loss", METRIC, "val_budget_fraction", "val_acc_mean", "val_acc_last", "step_seconds")
-        metrics: dict[str, Any] = {"epoch": self.epoch}
-        metrics.update({k: sum(float(m[k]) for m in per_task.values()) / len(per_task) for k in keys})
-        metrics.update({f"{METRIC}_{t}": float(m[METRIC]) for t, m in per_task.items()})
-        return metrics
-
-    def state(self) -> dict[str, Any]:
-        return {"tasks": {r.task: r.state() for r in self.runs}, "torch_rng": torch.get_rng_state()}
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        for r in self.runs:
-            r.load(state["tasks"][r.task])
-        torch.set_rng_state(state["torch_rng"])
-
-    def close(self) -> None:
-        for r in self.runs:
-            r.close()
-
-
-def _train_worker(config: dict) -> None:
-    """Ray Train `train_loop_per_worker`: train the trial's tasks epoch by epoch, report the val metrics and a
-    checkpoint every epoch (each rank writes its own file into the epoch's checkpoint directory: under ZeRO
-    1/2 optimizer state is per rank), resume from the run's latest checkpoint after a failure."""
-    import ray
-    import ray.train
-
-    from dynadapter.distributed import rank_file
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
-    spec = TrialSpec(**config["spec"])
-    trainer = TrialTrainer(spec, ray.get(config["data"]), ray.get(config["backbone"]), rank=rank, world_size=world)
-    try:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                trainer.load(torch.load(Path(d) / rank_file(rank), map_location="cpu", weights_only=True))
-        resumed_from = trainer.epoch
-        while trainer.epoch < trainer.epochs:
-            metrics = {**trainer.step(), "resumed_from": resumed_from}
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(trainer.state(), Path(d) / rank_file(rank))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"epoch_{trainer.epoch:04d}")
-    finally:
-        trainer.close()
-
-
 def _run_trial(config: dict, *, static: dict) -> None:
     """Tune function trainable: one TorchTrainer (the trial's workers) with this trial's overrides. Its run
     name is the trial id, so a retried trial's TorchTrainer finds the run's checkpoints and resumes."""
@@ -421,7 +175,7 @@ def _run_trial(config: dict, *, static: dict) -> None:
     spec["train"] = apply_overrides_to(train, overrides_from(config, train)).model_dump(mode="json")
     res: dict = static["resources"]
     trainer = torch_trainer(
-        _train_worker, {"spec": spec, "data": static["data"], "backbone": static["backbone"]},
+        train_worker, {"spec": spec, "data": static["data"], "backbone": static["backbone"]},
         num_workers=res["num_workers"], worker_cpu=res["worker_cpu"], worker_gpu=res["worker_gpu"],
         storage_path=static["train_storage"], name=tune.get_context().get_trial_id(),
         max_failures=static["max_failures"], checkpoints_to_keep=static["checkpoints_to_keep"],
@@ -484,11 +238,6 @@ class TuneOutcome:
         return pd.DataFrame(self.trials)
 
 
-def _local_path(path: str | Path) -> str:
-    path = str(path)
-    return path if "://" in path else str(Path(path).resolve())
-
-
 @dataclass
 class TuneTask:
     """A task's train and val splits (tuning never loads test)."""
@@ -498,20 +247,17 @@ class TuneTask:
     num_classes: int
 
 
-def load_tune_tasks(params: Params, tasks: list[str]) -> dict[str, TuneTask]:
-    """train + val of `tasks` from base.paths.data, resized and normalised as base.backbone expects."""
-    from dynadapter.data import load_split_tensors, read_manifest
+def load_tune_tasks(params: Params, tasks: list[str]):
+    """{task: TaskData} with train + val of `tasks` from base.paths.data (never test), resized for base.backbone:
+    uint8 images, normalised per batch on each worker's device (`dynadapter.adapt.TaskData`), so the object
+    store carries a quarter of float32's bytes."""
+    from dynadapter.adapt import load_task
     from dynadapter.models import create_backbone, normalization
 
     base = params.base
     mean, std = normalization(create_backbone(base.backbone))
-    out = {}
-    for t in tasks:
-        manifest = read_manifest(base.paths.data, t)
-        train, val = (load_split_tensors(base.paths.data, t, s, base.backbone.img_size, mean, std)
-                      for s in ("train", "val"))
-        out[t] = TuneTask(train, val, int(manifest["num_classes"]))
-    return out
+    return {t: load_task(base.paths.data, t, base.backbone.img_size, mean, std, splits=("train", "val"), uint8=True)
+            for t in tasks}
 
 
 def run_tune(
@@ -540,9 +286,9 @@ def run_tune(
     """
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from dynadapter.asha import ResumableASHA
     from dynadapter.models import create_backbone
     from dynadapter.models.factory import resolve_exits
 
@@ -554,7 +300,9 @@ def run_tune(
     missing = [t for t in tasks if t not in data]
     if missing:
         raise ValueError(f"tune.tasks {missing}: no data given for them")
-    backbone = create_backbone(params.base.backbone, checkpoint)
+    with torch.random.fork_rng(devices=[]):  # without a checkpoint the backbone is drawn: the same one on resume
+        torch.manual_seed(params.base.seed)
+        backbone = create_backbone(params.base.backbone, checkpoint)
     num_exits = len(resolve_exits(params.base.model, len(backbone.blocks)))
     space = search_space(cfg, num_exits)
     resources = plan_resources(ray.cluster_resources(), cfg.ray, cfg.max_concurrent)
@@ -568,7 +316,8 @@ def run_tune(
         seed=params.base.seed,
         tasks=tasks,
     )
-    storage = _local_path(storage_path)
+    storage = storage_uri(storage_path)
+    check_shared_storage(storage, "tune.storage")  # several nodes: each must see it, or trials lose checkpoints
     static = {
         "spec": asdict(spec),
         "data": ray.put({t: data[t] for t in tasks}),
@@ -592,7 +341,9 @@ def run_tune(
                 reuse_actors=False,  # a stopped trial's actor must die, taking its Train controller with it
                 search_alg=BasicVariantGenerator(random_state=params.base.seed,
                                                  max_concurrent=resources.max_concurrent),
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs,
+                # ASHA whose rungs come back with the sweep on Tuner.restore (Ray's start empty, and a
+                # resumed trial's final score fell through to rung 1: issue 22.10, dynadapter/asha.py)
+                scheduler=ResumableASHA(time_attr="epoch", max_t=cfg.epochs,
                                         grace_period=min(cfg.scheduler.grace_period, cfg.epochs),
                                         reduction_factor=cfg.scheduler.reduction_factor),
             ),
@@ -615,17 +366,39 @@ def _history(df) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in row.items() if v == v} for row in df[cols].to_dict("records")]
 
 
+def _reports(df, saved: list[dict[str, Any]]):
+    """A trial's per-epoch results: Tune's (`df`) joined with those the scheduler saved (`saved`), one row per
+    epoch. After an interrupted sweep is restored, Tune's record of a trial that restarted holds only the epochs
+    reported since the restart; the scheduler's file (dynadapter/asha.py) holds the ones before."""
+    import pandas as pd
+
+    if not saved:
+        return df
+    parts = [pd.DataFrame(saved)] + ([df] if df is not None and len(df) else [])
+    joined = pd.concat(parts, ignore_index=True, sort=False)
+    tail = joined[joined["epoch"].isna()] if "epoch" in joined.columns else joined.iloc[0:0]
+    per_epoch = joined[joined["epoch"].notna()].groupby("epoch", sort=True).last().reset_index()
+    return pd.concat([per_epoch, tail], ignore_index=True, sort=False)  # a stopped trial's reason stays last
+
+
 def _outcome(results, train: TrainConfig) -> TuneOutcome:
+    from dynadapter.asha import saved_results
+
+    saved = saved_results(str(results.experiment_path))
     rows = []
     histories = {}
     for r in results:
-        df = r.metrics_dataframe
+        last = r.metrics or {}
+        df = _reports(r.metrics_dataframe, saved.get(str(last.get("trial_id")), []))
         has = df is not None and METRIC in getattr(df, "columns", [])
         config = {k: v for k, v in (r.config or {}).items()}
-        last = r.metrics or {}
         stopped = last.get(STOPPED) if isinstance(last.get(STOPPED), str) else None
         if stopped and has and df[METRIC].notna().any():  # figures of its last epoch, before it stopped
-            last = df[df[METRIC].notna()].iloc[-1].to_dict()
+            last = {**df[df[METRIC].notna()].iloc[-1].to_dict(), "trial_id": last.get("trial_id")}
+        elif has and "epoch" in df.columns and df["epoch"].notna().any():
+            latest = df[df["epoch"].notna()].iloc[-1]  # Tune's last result may be older than the saved ones
+            if float(latest["epoch"]) > float(last.get("epoch", 0) or 0):
+                last = {**last, **latest.dropna().to_dict()}
         rows.append({
             "trial_id": last.get("trial_id"),
             METRIC: float(df[METRIC].max()) if has else float("nan"),

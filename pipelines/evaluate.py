@@ -18,12 +18,15 @@ budget (a fraction of full-depth MACs; under train.protocol=standard the model t
 thresholds are calibrated on val200 with the train800-only model saved beside it and transferred), then apply
 them once to test: accuracy, mean MACs actually executed,
 exit histogram; the val-calibrated threshold sweep evaluated on test (accuracy vs budget) and its Pareto
-frontier (non-dominated points); accuracy of each exit alone; measured CPU throughput of compacted dynamic
-inference against full depth on the same test batch (evaluate.throughput_batch images, 0 = skip).
+frontier (non-dominated points); accuracy of each exit alone; measured throughput of compacted dynamic
+inference against full depth on the same test batch, on the device the evaluation runs on (the CPU here, the
+worker's GPU on a cluster that gives it one; evaluate.throughput_batch images, 0 = skip).
 For the full-depth baseline: test accuracy and MACs.
 On a Ray cluster (train.ray.address, or RAY_ADDRESS set) every task x variant is evaluated by its own Ray task
-(train.ray.cpus_per_worker / gpus_per_worker), all submitted at once; the figures and MLflow records are the
-same, and the throughput is measured on whichever node ran the task, beside whatever else ran there.
+(train.ray.cpus_per_worker / gpus_per_worker), as many at a time as the cluster's resources fit; each task's
+val and test travel once, as uint8 (normalised on the worker's device), and this process loads one task at a
+time; the figures and MLflow records are the same, and the throughput is measured on whichever node ran the
+task, beside whatever else ran there.
 MLflow: a nested run per task and variant with these figures, the sweep, the Pareto table and plot; the
 Dyn-Adapter run also logs the model (a pyfunc that runs compacted dynamic inference, with `budget` or
 `thresholds` as parameters); the suite plots and metrics go on the pipeline's parent run.
@@ -152,17 +155,24 @@ def log_model(run, model, params, ev, task: str, exits: list[int]) -> dict:
 
 def evaluations(params, checkpoint) -> Iterator[tuple]:
     """(task, variant, model, trained, Evaluated) for every task and variant, in order: computed here one after
-    another, or on a Ray cluster (train.ray.address or RAY_ADDRESS) one Ray task each, all submitted at once.
-    Either way the model comes back as `evaluate_task` leaves it: merged, holding its calibrated thresholds."""
+    another, or on a Ray cluster (train.ray.address or RAY_ADDRESS) one Ray task each, as many at a time as the
+    cluster fits (`map_on_ray`). Either way the model comes back as `evaluate_task` leaves it: merged, holding
+    its calibrated thresholds.
+
+    Only val and test are loaded, one task at a time. On a cluster a task's val/test go into the object store
+    as uint8 (normalised on the worker's device), shared by its variants, and are released here once put;
+    this process holds the data and models of the evaluations in flight only, never all of them."""
+    from collections import deque
+
     from dynadapter.adapt import (SELECTION_DIR, accelerator, evaluate_task, load_task_for, load_trained,
                                   merged_for_inference)
     from dynadapter.cluster import cluster_address, map_on_ray
 
     base, ev_cfg = params.base, params.evaluate
     address = cluster_address(params.train.ray.address)
-    items, calls = [], []
-    for task in base.tasks:
-        data = load_task_for(base, task)
+    on_cluster = address is not None
+
+    def models_of(task: str):
         for variant in ("dyn", "baseline"):
             saved = Path(base.paths.models) / "tasks" / task / variant
             model, trained, _ = load_trained(saved, checkpoint)
@@ -171,27 +181,44 @@ def evaluations(params, checkpoint) -> Iterator[tuple]:
             kwargs = dict(budget=base.budget, repeats=ev_cfg.throughput_repeats,
                           throughput_batch=ev_cfg.throughput_batch if variant == "dyn" else 0,
                           calibration=ev_cfg.calibration, calibration_model=selection)
-            if address is None:
-                yield task, variant, model, trained, evaluate_task(model, data, device=accelerator(), **kwargs)
-            else:
-                items.append((task, variant, model, trained))
-                calls.append(((model, data), kwargs))
-    if address is not None:
-        from dynadapter.tune import init_ray
+            yield variant, model, trained, kwargs
 
-        init_ray(address)
-        print(f"evaluate: {len(calls)} evaluations fan out over the Ray cluster at {address}", flush=True)
-        for (task, variant, model, trained), ev in zip(items, map_on_ray(_evaluate_on_worker, calls,
-                                                                          params.train.ray)):
-            # the worker evaluated a copy: put this one in the state it left that copy in
-            yield task, variant, merged_for_inference(model, ev.calibration["thresholds"]), trained, ev
+    if not on_cluster:
+        for task in base.tasks:
+            data = load_task_for(base, task, splits=("val", "test"))
+            for variant, model, trained, kwargs in models_of(task):
+                yield task, variant, model, trained, evaluate_task(model, data, device=accelerator(), **kwargs)
+        return
+
+    import ray
+
+    from dynadapter.ray_session import init_ray
+
+    init_ray(address)
+    items: deque = deque()  # (task, variant, model, trained) of the calls submitted, in order
+
+    def calls():
+        for task in base.tasks:
+            data = ray.put(load_task_for(base, task, splits=("val", "test"), uint8=True))  # released once put
+            for variant, model, trained, kwargs in models_of(task):
+                items.append((task, variant, model, trained))
+                yield (model, data), kwargs
+            del data
+
+    print(f"evaluate: {2 * len(base.tasks)} evaluations fan out over the Ray cluster at {address}", flush=True)
+    for ev in map_on_ray(_evaluate_on_worker, calls(), params.train.ray):
+        task, variant, model, trained = items.popleft()
+        # the worker evaluated a copy: put this one in the state it left that copy in
+        yield task, variant, merged_for_inference(model, ev.calibration["thresholds"]), trained, ev
 
 
 def _evaluate_on_worker(model, data, **kwargs):
-    """evaluate_task on a Ray worker, on its GPU when it has one."""
-    from dynadapter.adapt import accelerator, evaluate_task
+    """evaluate_task on a Ray worker, on the device Ray assigned it (its GPU when it asked for one; a worker that
+    sees a GPU it did not ask for stops, naming train.ray.gpus_per_worker)."""
+    from dynadapter.adapt import evaluate_task
+    from dynadapter.devices import worker_device
 
-    return evaluate_task(model, data, device=accelerator(), **kwargs)
+    return evaluate_task(model, data, device=worker_device("train.ray.gpus_per_worker"), **kwargs)
 
 
 def run(params, parent=None) -> tuple[dict, dict, dict]:
@@ -241,17 +268,29 @@ def transfer(base, checkpoint) -> dict:
     """How the backbone transfers (dynadapter.transfer): probes train -> val, suite means and per task."""
     import torch
 
-    from dynadapter.adapt import load_task_for
     from dynadapter.models import create_backbone
     from dynadapter.transfer import transfer_report
 
     torch.manual_seed(base.seed)  # the random-init reference is seeded too
     random_init = create_backbone(base.backbone)
-    report = transfer_report(create_backbone(base.backbone, checkpoint), random_init,
-                             {task: load_task_for(base, task) for task in base.tasks})
+    report = transfer_report(create_backbone(base.backbone, checkpoint), random_init, _TrainVal(base))
     print(f"evaluate: transfer probe (val) {report.probe_val:.4f} vs random init {report.random_init_probe_val:.4f} "
           f"and pixels {report.pixel_probe_val:.4f}")
     return report.to_dict()
+
+
+class _TrainVal:
+    """{task: its train and val} for `transfer_report`, loaded one task at a time as it is iterated (the probes
+    never read test, and need one task's images at a time)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def items(self):
+        from dynadapter.adapt import load_task_for
+
+        for task in self.base.tasks:
+            yield task, load_task_for(self.base, task, splits=("train", "val"))
 
 
 def log_suite(parent, out: Path, metrics: dict, curve: list[dict]) -> None:

@@ -33,7 +33,9 @@ and it goes on from the last finished epoch.
 On a Ray cluster (train.ray.address, or RAY_ADDRESS set): every task x variant is one Ray Train run of
 train.ray.num_workers DeepSpeed workers (cpus_per_worker / gpus_per_worker each), all submitted at once and
 run as far as the cluster's resources allow; their epoch checkpoints go to train.storage (shared storage on
-a multi-node cluster) and a rerun resumes them. The models come back to this machine and are saved here.
+a multi-node cluster) and a rerun resumes them. The workers receive their task's train and val only, as uint8
+images normalised on their device, read from base.paths.data by a Ray task on this machine's node (this
+process holds no task's images). The models come back to this machine and are saved here.
 <paths.models>/tasks/ is put in place only when every model is trained, so an interrupted stage leaves no
 partial output.
 MLflow: one nested run per task and variant (per-epoch metrics, parameter counts, step time) under the
@@ -158,35 +160,42 @@ def _train_here(params: Params, stdout) -> Iterator[VariantResult]:
 def _train_on_cluster(params: Params, address: str, stdout) -> Iterator[VariantResult]:
     """Every task x variant as its own Ray Train run (train.ray workers, train.deepspeed engine), all submitted
     at once; each result rebuilt here on the backbone with the weights rank 0 selected."""
-    from dynadapter.adapt import build_for_training, load_task_for, trained_record
+    from dynadapter.adapt import build_for_training, task_sources, trained_record
     from dynadapter.cluster import fit_jobs, train_jobs_on_ray
+    from dynadapter.data import read_manifest
     from dynadapter.models import create_backbone
     from dynadapter.train import load_trainable_state
     from dynadapter.train.pretrain import backbone_checkpoint
-    from dynadapter.tune import init_ray
+    from dynadapter.ray_session import check_shared_storage, init_ray
 
     base, cfg = params.base, params.train
     resources = init_ray(address)
     print(f"train: on the Ray cluster at {address} ({resources.get('CPU', 0):g} CPUs, "
           f"{resources.get('GPU', 0):g} GPUs); {cfg.ray.num_workers} worker(s) per run", file=stdout, flush=True)
     checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
-    data = {task: load_task_for(base, task) for task in base.tasks}
+    # where each task's prepared data is: a task's runs read its train/val (uint8, never test) themselves, on
+    # this machine's node, so this process never holds any task's images (dynadapter.cluster.train_jobs_on_ray)
+    sources = task_sources(base)
+    num_classes = {task: src.num_classes for task, src in sources.items()}
     keys = [(task, variant) for task in base.tasks for variant in VARIANTS]
+    checksums = {task: read_manifest(base.paths.data, task)["checksum"] for task in base.tasks}
     chains = [fit_jobs(task, variant, base.backbone, *variant_configs(params, variant), seed=base.seed,
-                       standard=cfg.protocol == "standard") for task, variant in keys]
+                       standard=cfg.protocol == "standard", data=checksums[task]) for task, variant in keys]
     storage = cfg.storage or str(Path(base.paths.models) / "checkpoints" / "train-ray")
+    check_shared_storage(storage, "train.storage")  # several nodes: each must see it, or runs lose checkpoints
     backbone_state = create_backbone(base.backbone, checkpoint).state_dict()
-    for (task, variant), outcomes in zip(keys, train_jobs_on_ray(chains, data, backbone_state,
+    for (task, variant), outcomes in zip(keys, train_jobs_on_ray(chains, sources, backbone_state,
                                                                  storage_path=storage, stdout=stdout)):
         model_cfg, train_cfg = variant_configs(params, variant)
         received = []
         for outcome in outcomes:
-            model = build_for_training(data[task], base.backbone, model_cfg, train_cfg, checkpoint, seed=base.seed)
+            model = build_for_training(num_classes[task], base.backbone, model_cfg, train_cfg, checkpoint,
+                                       seed=base.seed)
             load_trainable_state(model, outcome.best_state())
             received.append((trained_record(task, model_cfg, model, outcome.history, outcome.best_epoch,
                                             outcome.seconds), model.eval()))
         (selected, selection_model), (trained, model) = received[0], received[-1]
-        yield VariantResult(task, variant, data[task].num_classes, model_cfg, trained, model, selected,
+        yield VariantResult(task, variant, num_classes[task], model_cfg, trained, model, selected,
                             selection_model if len(received) > 1 else None)
 
 

@@ -33,9 +33,20 @@ SECTIONS = ["base", "train", "tune"]
 TRIAL_TAG = "dynadapter.trial_id"  # on each trial's nested MLflow run
 
 
+# Where and how the sweep runs, not what it computes: moving storage, joining another cluster or giving trials
+# other resources must still resume an interrupted sweep (its trials compute the same things either way).
+PLACEMENT_KEYS = {"base": ("paths", "mlflow"), "train": ("ray", "storage", "deepspeed"),
+                  "tune": ("storage", "ray", "max_concurrent", "max_failures", "checkpoints_to_keep")}
+
+
 def experiment_name(params: Params) -> str:
-    """Same params, same name: a rerun after an interruption resumes the sweep; changed params start a new one."""
-    text = json.dumps(section_dict(params, *SECTIONS), sort_keys=True, default=str)
+    """Same settings, same name: a rerun after an interruption resumes the sweep; changed settings start a new
+    one. Keys that only say where and on what the sweep runs (PLACEMENT_KEYS) are left out."""
+    tree = section_dict(params, *SECTIONS)
+    for section, keys in PLACEMENT_KEYS.items():
+        for key in keys:
+            tree[section].pop(key, None)
+    text = json.dumps(tree, sort_keys=True, default=str)
     return "tune-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -84,7 +95,8 @@ def run(params: Params, parent=None) -> dict:
     import ray
 
     from dynadapter.train.pretrain import backbone_checkpoint
-    from dynadapter.tune import init_ray, run_tune, write_best_params
+    from dynadapter.ray_session import init_ray
+    from dynadapter.tune import run_tune, write_best_params
 
     base, cfg = params.base, params.tune
     out = Path(base.paths.outputs) / "tune"

@@ -164,7 +164,7 @@ def test_each_ablation_removes_its_component_from_the_tuned_configuration(tmp_pa
     """An ablation must differ from dyn_adapter by its component whatever the tuned values say: with a tuned
     priority pattern in best_params, abl_no_priority used to keep it (it only cleared start/end lists) and
     measured dyn_adapter again (identical figures on the 2026-11-30 bench)."""
-    from dynadapter.train.loop import _priority_schedule
+    from dynadapter.train.loop import priority_schedule
 
     from helpers import tiny_model
 
@@ -176,8 +176,8 @@ def test_each_ablation_removes_its_component_from_the_tuned_configuration(tmp_pa
            for name in ("dyn_adapter", "abl_no_priority", "abl_no_forward_sparsity", "abl_no_backward_sparsity",
                         "abl_no_balanced_heads")}
     model = tiny_model(num_classes=3, depth=4)
-    assert _priority_schedule(model, cfg["dyn_adapter"][2]) is not None
-    assert _priority_schedule(model, cfg["abl_no_priority"][2]) is None  # flat weights: no schedule
+    assert priority_schedule(model, cfg["dyn_adapter"][2]) is not None
+    assert priority_schedule(model, cfg["abl_no_priority"][2]) is None  # flat weights: no schedule
     assert cfg["abl_no_priority"][2].sparsity == cfg["dyn_adapter"][2].sparsity
     assert not cfg["abl_no_forward_sparsity"][2].sparsity.forward and cfg["dyn_adapter"][2].sparsity.forward
     assert not cfg["abl_no_backward_sparsity"][2].sparsity.backward and cfg["dyn_adapter"][2].sparsity.backward

@@ -69,7 +69,9 @@ def test_train_and_evaluate_fan_out_over_a_ray_cluster_and_match_the_local_run(t
         evaluated = _stage("evaluate", cluster_params, env)
         # Ray Train kept each run's epoch checkpoints under train.storage's default
         runs = sorted(p.name for p in (cluster / "models/checkpoints/train-ray").iterdir() if p.is_dir())
-    assert runs == ["digits-baseline", "digits-dyn", "size-baseline", "size-dyn"], runs
+    # one folder per run, named after what it computes (<task>-<variant>-<digest>, dynadapter.cluster.FitJob)
+    assert [r.rsplit("-", 1)[0] for r in runs] == ["digits-baseline", "digits-dyn", "size-baseline", "size-dyn"], runs
+    assert all(len(r.rsplit("-", 1)[1]) == 12 for r in runs), runs
     assert "4 Ray Train runs submitted" in trained.stdout, trained.stdout[-3000:]
     assert "4 evaluations fan out over the Ray cluster" in evaluated.stdout, evaluated.stdout[-3000:]
 

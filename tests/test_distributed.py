@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +95,8 @@ def test_two_simulated_ranks_with_averaged_gradients_train_the_one_rank_model():
     batch b/2 with its rank's dropout and the shared-seed gradient masks, gradients averaged by hand before
     each AdamW step, end with the weights one model at batch b gets. (The Ray Train test below is the real
     thing; this one fails fast and names the stream when a change breaks one.)"""
-    from dynadapter.train.loop import build_optimizer, iterate_batches
+    from dynadapter.train.loop import iterate_batches
+    from dynadapter.train.optim import build_optimizer
     from dynadapter.train.losses import multi_exit_loss
     from dynadapter.train.sparsity import GradientMasker
 
@@ -148,13 +150,29 @@ class Task:
 class KilledOnce(FailsOnce, Task):
     """Task data whose first reader of `val` in epoch 2 (end of its training, before its report) kills its
     worker process (os._exit, no cleanup): the run must come back through Ray Train's FailureConfig from its
-    epoch-1 checkpoint. Killed at the end of epoch 2, not at its start: a kill right after a report can beat
-    the controller to registering that report's checkpoint (seen: the restart then began from scratch). Once
-    per test, across processes (a marker file)."""
+    epoch-1 checkpoint. The kill waits until the Train controller has registered that checkpoint (it is listed
+    in the run's checkpoint_manager_snapshot.json in storage): a worker's report reaches the controller only
+    when the controller next polls the workers, and a kill before that made Ray Train restart from scratch
+    (seen twice on the loaded 2-core box, the kill then came < 1 s after the report). Once per test, across
+    processes (a marker file)."""
 
     attr, at = "val", 2  # one read of val per epoch, when the epoch's model is scored
 
+    def __init__(self, *args, marker: str, snapshot: str):
+        super().__init__(*args, marker=marker)
+        self.snapshot = snapshot
+
     def fail(self) -> None:
+        import time
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if "epoch_0001" in Path(self.snapshot).read_text():
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
         os._exit(9)
 
 
@@ -216,18 +234,18 @@ def test_two_workers_train_the_model_one_worker_trains(ray_session, tmp_path, ba
     assert any(k.startswith("heads.") for k in w1) and len(w1) > sum(k.startswith("heads.") for k in w1)  # + PETL
 
     if zero_stage == 2:  # ZeRO-2's per-rank optimizer partitions resume: killed after epoch 1, same weights
-        killed = {"toy": KilledOnce(toy_split(64, 0), toy_split(24, 1), 3, marker=str(tmp_path / "kill.marker"))}
+        killed = {"toy": KilledOnce(toy_split(64, 0), toy_split(24, 1), 3, marker=str(tmp_path / "kill.marker"),
+                                    snapshot=str(tmp_path / "killed" / "checkpoint_manager_snapshot.json"))}
         resumed = train_on_ray(spec(zero_stage, BATCH // 2), killed,
                                ray_cfg=RayConfig(num_workers=2, cpus_per_worker=0.5), name="killed",
                                max_failures=1, **run)
         assert (tmp_path / "kill.marker").exists()  # a worker was killed
         assert resumed.metrics["epoch"] == 2
+        assert resumed.metrics["resumed_from"] == 1  # from its registered epoch-1 checkpoint, not from scratch
         assert resumed.mask_digests("toy") == masks[0] and resumed.mask_digests("toy", 1) == masks[0]
         rdiff = max_abs_diff(resumed.trainable_state("toy"), w2)
         print(f"zero 2, killed after epoch 1 and resumed: max |w - w(uninterrupted)| = {rdiff:.2e}")
         assert rdiff < TOL
-        if resumed.metrics["resumed_from"] != 1:  # seen twice on the loaded 2-core box, os._exit kill: open
-            pytest.xfail("Ray Train restarted the killed run from scratch, not from its epoch-1 checkpoint")
 
 
 # ------------------------------------------------------------------------------------------ ZeRO-2 resume, 2 ranks
@@ -278,7 +296,8 @@ def test_zero2_partitions_resume_on_two_ranks(tmp_path):
     """Issue 13.1: a 2-rank ZeRO-2 run stopped after epoch 1 and resumed from its per-rank checkpoints ends with
     the weights of the uninterrupted 2-rank run. Each rank's checkpoint holds only its own optimizer partition
     (DeepSpeedStrategy.load_state_dict puts it at the rank's index: `[opt]` alone broke rank 1). Without Ray,
-    so the resume is deterministic (through Ray Train a killed worker may restart from scratch, see above)."""
+    so nothing but `fit` decides where the run resumes (through Ray Train, only from a checkpoint the controller
+    has registered, see KilledOnce)."""
     import torch.multiprocessing as mp
 
     for phase in ("full", "interrupt", "resume"):

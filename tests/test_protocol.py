@@ -125,13 +125,13 @@ def test_train_stage_trains_through_deepspeed_on_a_gpu(tmp_path, monkeypatch):
     GPU supports it); on the CPU plain AdamW. (The GPU itself is not exercised here: the factory is spied on.)"""
     import dynadapter.adapt as adapt
     from dynadapter.train.deepspeed import DeepSpeedStrategy, Placement, resolve_placement
-    from dynadapter.train.loop import AdamWStrategy
+    from dynadapter.train.optim import AdamWStrategy
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert adapt.accelerator_strategy() is None and adapt.accelerator() is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     factory = adapt.accelerator_strategy()
-    assert factory.func is DeepSpeedStrategy and factory.keywords == {"ds": None, "placement": None}
+    assert factory.func is DeepSpeedStrategy and factory.keywords == {"ds": None, "placement": None, "device": None}
     zero2 = DeepSpeedConfig(zero_stage=2)
     assert adapt.accelerator_strategy(zero2).keywords["ds"] is zero2  # train.deepspeed reaches the engine
     assert resolve_placement("auto", cuda=True, bf16_supported=True) == Placement("cuda", "nccl", "bf16")

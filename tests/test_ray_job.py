@@ -101,3 +101,62 @@ def test_ray_job_submit_runs_a_stage_from_the_project_root(ray_head, tmp_path):
         assert not (pkg / kept_out).exists(), f"{kept_out} was uploaded with the working dir"
     size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
     assert size < 20 * 2**20, f"working dir upload is {size / 2**20:.1f} MiB"
+
+
+def relative_params(root: Path) -> dict:
+    """tiny_params with every user path relative to `root` (where the user runs the submit command)."""
+    params = tiny_params(root)
+    params["base"]["paths"] = {k: k for k in ("data", "models", "outputs")}
+    params["base"]["mlflow"]["tracking_uri"] = "sqlite:///mlflow.db"
+    params["base"]["tasks"] = ["size"]  # one task: the stages' fan-out is tests/test_cluster.py's business
+    return params
+
+
+def test_resolve_paths_makes_user_paths_absolute(tmp_path):
+    from pipelines.submit import resolve_paths
+
+    raw = relative_params(tmp_path)
+    raw["base"]["backbone"]["checkpoint"] = "models/pretrained/ViT-B_16.npz"
+    raw["train"]["storage"] = "s3://bucket/train"  # a URI stays as it is
+    raw["tune"]["storage"] = "/shared/tune"  # so does an absolute path
+    out = resolve_paths(raw, tmp_path)
+    assert out["base"]["paths"] == {k: str(tmp_path / k) for k in ("data", "models", "outputs")}
+    assert out["base"]["backbone"]["checkpoint"] == str(tmp_path / "models/pretrained/ViT-B_16.npz")
+    assert out["base"]["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert out["train"]["storage"] == "s3://bucket/train" and out["tune"]["storage"] == "/shared/tune"
+    assert raw["base"]["paths"]["data"] == "data"  # the caller's dict is left alone
+    # the preset's relative checkpoint, which pointed inside Ray's unpacked copy of the project
+    preset = yaml.safe_load((ROOT / "presets" / "vtab1k_vitb16.yaml").read_text())
+    resolved = resolve_paths(preset, tmp_path)
+    assert resolved["base"]["backbone"]["checkpoint"] == str(tmp_path / "models/pretrained/ViT-B_16.npz")
+    assert resolved["prepare"]["vtab_root"] == str(tmp_path / "data/vtab-1k")
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_as_a_submitted_job(ray_head, tmp_path):
+    """`python -m pipelines.submit` from a user's folder whose params name relative paths: one job runs prepare,
+    pretrain, train, evaluate and register on the head; the outputs land in the user's folder (paths resolved
+    before submission), train and evaluate fan out over the cluster (RAY_ADDRESS is set inside a job)."""
+    address, env = ray_head["address"], head_env(ray_head["token"])
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "params.yaml").write_text(yaml.safe_dump(relative_params(user)))
+    stages = ["prepare", "pretrain", "train", "evaluate", "register"]
+    cmd = [sys.executable, "-m", "pipelines.submit", "--address", address, "--params", "params.yaml",
+           "--timeout", str(JOB_TIMEOUT), *stages]
+    try:
+        out = subprocess.run(cmd, cwd=user, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT + 60)
+        text = out.stdout[-8000:] + "\n--- stderr\n" + out.stderr[-4000:]
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"submit timed out:\n{as_text(err.stdout)[-8000:]}\n{ray_head['log'].read_text()[-3000:]}")
+    assert out.returncode == 0, text
+    assert "SUCCEEDED" in out.stdout, text
+    for stage in stages:
+        assert f"submit: stage {stage} done" in out.stdout, text
+    assert "Ray Train runs submitted to the cluster" in out.stdout, text  # train fanned out over the cluster
+    assert "fan out over the Ray cluster" in out.stdout, text  # and so did evaluate
+    metrics = json.loads((user / "outputs" / "evaluate" / "metrics.json").read_text())
+    assert 0 <= metrics["dyn_test_accuracy"] <= 1
+    assert (user / "mlflow.db").is_file() and (user / "models" / "tasks" / "size" / "dyn").is_dir()
+    decisions = json.loads((user / "outputs" / "register" / "decisions.json").read_text())
+    assert decisions["size"]["promoted"] is True, decisions  # the first version of the model: champion

@@ -157,13 +157,13 @@ def test_default_train_config_prioritizes_but_the_full_depth_baseline_does_not()
     """Audit #14: the headline ran without prioritization (all weights 1)."""
     from dynadapter.adapt import full_depth_baseline
     from dynadapter.config import ModelConfig, TrainConfig
-    from dynadapter.train.loop import _priority_schedule
+    from dynadapter.train.loop import priority_schedule
 
     cfg = TrainConfig()
-    sched = _priority_schedule(tiny_model(), cfg)
+    sched = priority_schedule(tiny_model(), cfg)
     assert sched is not None and sched.weights(0.0)[0] > 1.0 > sched.weights(1.0)[0]
     _, base_cfg = full_depth_baseline(ModelConfig(), cfg)
-    assert _priority_schedule(tiny_model(early_exit=False), base_cfg) is None
+    assert priority_schedule(tiny_model(early_exit=False), base_cfg) is None
 
 
 def test_priority_from_config_and_fit_check_exit_count():

@@ -244,6 +244,72 @@ def test_resource_plan_refuses_a_trial_that_cannot_fit():
         plan_resources({"CPU": 8}, RayConfig(gpus_per_worker=1.0), None)
 
 
+# ------------------------------------------------------------------------------------------ ASHA across a restore
+
+
+def _asha_run(scheduler_cls, events, storage):
+    """Feed (trial, epoch, score) results to an ASHA scheduler as Tune does (max_t 3, grace 1, halving); a
+    "restore" event replaces the scheduler by a fresh one and re-adds the trials, as `Tuner.restore` does (it
+    unpickles the scheduler of tuner.pkl, built before any result). Returns the decisions."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    store = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), experiment_fs_path=str(storage))
+    trials = {t: SimpleNamespace(trial_id=t, storage=store) for t in ("t1", "t2")}
+
+    def fresh():
+        s = scheduler_cls(time_attr="epoch", max_t=3, grace_period=1, reduction_factor=2)
+        s.set_search_properties(METRIC, "max")
+        for t in trials.values():
+            s.on_trial_add(None, t)
+        return s
+
+    sched, decisions = fresh(), []
+    for event in events:
+        if event == "restore":
+            sched = fresh()
+            continue
+        trial, epoch, score = event
+        result = {"epoch": epoch, METRIC: score}
+        decisions.append((trial, epoch, sched.on_trial_result(None, trials[trial], result)))
+        if epoch == 3:
+            sched.on_trial_complete(None, trials[trial], result)
+    return decisions
+
+
+def test_asha_rungs_come_back_after_a_restore_and_never_take_a_later_epoch(tmp_path):
+    """Issue 22.10 as its figures had it: trial 1 scores 0.40, 0.60, 0.684 at epochs 1-3, trial 2 0.485 at epoch
+    1. Uninterrupted, trial 2 beats rung 1's cutoff (trial 1's 0.40) and goes on. Interrupted after trial 1's
+    epoch 1 and restored, Ray's ASHA starts with empty rungs and trial 1 (resumed at epoch 2) has no rung-1
+    record: its final 0.684 falls through to rung 1 and trial 2 is stopped. ResumableASHA keeps the run's
+    rungs in the experiment folder and decides as the uninterrupted sweep did."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from dynadapter.asha import STATE_FILE, ResumableASHA, saved_results
+
+    t1 = [("t1", 1, 0.40), ("t1", 2, 0.60), ("t1", 3, 0.684)]
+    uninterrupted = t1 + [("t2", 1, 0.485)]
+    interrupted = t1[:1] + ["restore"] + t1[1:] + [("t2", 1, 0.485)]
+
+    assert _asha_run(ASHAScheduler, uninterrupted, tmp_path / "a")[-1] == ("t2", 1, "CONTINUE")
+    assert _asha_run(ASHAScheduler, interrupted, tmp_path / "b")[-1] == ("t2", 1, "STOP")  # Ray's: the bug
+    for events, storage in ((uninterrupted, tmp_path / "c"), (interrupted, tmp_path / "d")):
+        storage.mkdir()
+        assert _asha_run(ResumableASHA, events, storage)[-1] == ("t2", 1, "CONTINUE")
+    # the rungs on disk: each trial's score at the rungs it reached (trial 1: epochs 1 and 2), nothing else
+    saved = yaml.safe_load((tmp_path / "d" / STATE_FILE).read_text())
+    assert {t: (e["bracket"], e["rungs"]) for t, e in saved.items()} == {"t1": (0, {"0": 0.60, "1": 0.40}),
+                                                                         "t2": (0, {"1": 0.485})}
+    # ... and every result it saw, across the restore (the history Tune loses for a restarted trial)
+    assert saved_results(str(tmp_path / "d")) == {
+        "t1": [{"epoch": e, METRIC: m} for _, e, m in t1], "t2": [{"epoch": 1, METRIC: 0.485}]}
+    # a trial below the cutoff is still stopped, after a restore too
+    events = t1[:1] + ["restore"] + t1[1:] + [("t2", 1, 0.30)]
+    (tmp_path / "e").mkdir()
+    assert _asha_run(ResumableASHA, events, tmp_path / "e")[-1] == ("t2", 1, "STOP")
+
+
 # ------------------------------------------------------------------------------------------ a real tune run
 
 
@@ -318,3 +384,146 @@ def test_init_ray_without_address_starts_its_own_instance_beside_a_running_one(r
         shutil.rmtree(tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "CPU 1.0" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ a killed tune driver
+
+# Two trials with one setting (a constant search space): they score alike at every epoch, so ASHA's halving
+# (strictly below the cutoff stops) runs both to the end, unless a restore skews a rung. Same seed, same data.
+SWEEP_EPOCHS = 3
+SWEEP_SPACE = {"p_max": [0.1, 0.1], "p_min": None, "q": None, "priority_pattern": None, "priority_strength": None,
+               "lr": None}
+
+
+def sweep_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`toy_split` with a weak signal: accuracies that differ between trials and epochs, not all 1.0."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+    x[:, 0] += 0.6 * (2.0 * y - 1.0)[:, None, None]
+    return x, y
+
+
+class StallsOnce(FailsOnce, TuneTask):
+    """Val data whose first reader of its 2nd read (trial 1 scoring epoch 2: epoch 1 is reported and its
+    checkpoint registered, epoch 2 trained) marks that moment and stalls there, for the test to kill the driver."""
+
+    attr, at = "val", 2
+
+    def fail(self) -> None:
+        import time
+
+        time.sleep(600)
+
+
+def sweep_driver(storage: str, out: str, stall_marker: str = "") -> None:
+    """The tune driver the test runs (and kills) in a subprocess: `run_tune` with resume, 2 trials one at a
+    time (ASHA's decisions then do not depend on timing), its outcome as JSON in `out`."""
+    import json
+    import sys
+
+    from ray import cloudpickle
+
+    from dynadapter.tune import init_ray
+
+    for module in (__name__, "helpers"):  # workers cannot import the test modules
+        cloudpickle.register_pickle_by_value(sys.modules[module])
+    params = parse_params({
+        "base": {"tasks": ["toy"], "backbone": {"overrides": TINY}},
+        "train": {"batch_size": 16, "lr": 1e-2},
+        "tune": {"num_samples": 2, "epochs": SWEEP_EPOCHS, "max_concurrent": 1, "max_failures": 0,
+                 "scheduler": {"grace_period": 1, "reduction_factor": 2}, "search_space": SWEEP_SPACE,
+                 "ray": {"cpus_per_worker": 1.0}},
+    })
+    splits = (sweep_split(64, 0), sweep_split(32, 1), 2)
+    data = StallsOnce(*splits, marker=stall_marker) if stall_marker else TuneTask(*splits)
+    init_ray(num_cpus=2)
+    outcome = run_tune(params, storage_path=storage, data={"toy": data}, resume=True, verbose=0)
+    index = {t: t.rsplit("_", 1)[1] for t in outcome.histories}  # trial ids differ between experiments
+    Path(out).write_text(json.dumps({
+        "best_trial": index[outcome.best_trial], "best_metric": outcome.best_metric,
+        "best_overrides": outcome.best_overrides,
+        "trials": sorted([{**{k: v for k, v in r.items() if k not in ("trial_id", "path")},
+                           "trial": index[r["trial_id"]]} for r in outcome.trials], key=lambda r: r["trial"]),
+        "histories": {index[t]: [{k: v for k, v in row.items() if k != "step_seconds"} for row in h]  # a timing
+                      for t, h in outcome.histories.items()},
+    }, sort_keys=True))
+
+
+def _driver(storage: Path, out: Path, stall_marker: Path | None = None):
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_tune import sweep_driver; "
+            f"sweep_driver({str(storage)!r}, {str(out)!r}, {str(stall_marker or '')!r})")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout: float = 900) -> str:
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except BaseException:
+        _kill_session(proc)
+        print(proc.communicate()[0][-5000:])
+        raise
+    _kill_session(proc)
+    assert proc.returncode == 0, log[-5000:]
+    return log
+
+
+def _kill_session(proc) -> None:
+    """SIGKILL the driver's whole session: what its local Ray left behind must not write on after the kill."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_sweep_picks_the_winner_of_the_uninterrupted_one(tmp_path):
+    """Issue 22.10: the tune driver is SIGKILLed in trial 1's epoch 2 (after its epoch-1 result reached Tune),
+    then run again on the same storage: the resumed sweep must end as the uninterrupted one did, same trials
+    stopped at the same epochs, same figures, same winner. Measured with Ray's own ASHA in place of ResumableASHA:
+    the restored sweep put trial 1's final 0.906 at rung 1 and stopped trial 2 after epoch 1 at 0.5625 (the
+    uninterrupted sweep runs it to epoch 3), and trial 1's history lost its epoch 1. About 3.5 minutes on the
+    loaded 2-core box (three driver starts, two trials of 3 epochs each)."""
+    import json
+    import signal
+    import time
+
+    full = _driver(tmp_path / "full", tmp_path / "full.json")
+    _finish(full)
+    expected = json.loads((tmp_path / "full.json").read_text())
+    # The case of the issue: trial 2's epoch-1 score reaches trial 1's (rung 1's cutoff, so it runs on) but not
+    # trial 1's final score, which Ray's ASHA put at rung 1 after the restore (so it stopped trial 2 there).
+    score = {t: [h[METRIC] for h in hist] for t, hist in expected["histories"].items()}
+    assert score["00000"] == score["00001"] and score["00000"][0] < score["00000"][-1], score
+    assert [r["epochs"] for r in expected["trials"]] == [SWEEP_EPOCHS, SWEEP_EPOCHS]
+
+    marker = tmp_path / "stalled"
+    cut = _driver(tmp_path / "cut", tmp_path / "cut.json", stall_marker=marker)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert cut.poll() is None, cut.stdout.read()[-5000:]
+            assert time.monotonic() < deadline, "trial 1 never reached its epoch-2 scoring"
+            time.sleep(0.2)
+        time.sleep(2.0)  # epoch 1's result is long through Tune by now; epoch 2 is stalled before its report
+        os.kill(cut.pid, signal.SIGKILL)  # the driver, as a user's kill -9 (or the OOM killer) would
+        cut.wait(timeout=60)
+    finally:
+        _kill_session(cut)
+    assert not (tmp_path / "cut.json").exists()
+
+    _finish(_driver(tmp_path / "cut", tmp_path / "cut.json"))
+    resumed = json.loads((tmp_path / "cut.json").read_text())
+    first = next(r for r in resumed["trials"] if r["trial"] == "00000")
+    assert first["resumed_from"] == 1  # trial 1 came back from its epoch-1 checkpoint, not from scratch
+    for r in resumed["trials"]:
+        r["resumed_from"] = 0
+    print(json.dumps(expected["trials"], indent=1))
+    assert resumed == expected

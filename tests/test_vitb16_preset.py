@@ -6,12 +6,10 @@ Checks what only the real-size path can: the .npz loads, and full-depth MACs = 1
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -62,13 +60,10 @@ def test_vitb16_from_a_google_npz_costs_17_58_gmacs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, overrides, gmacs", [
-    # the preset's backbone; ~35 min on 2 cores shared with other work (train ~7 min per task), so its own limit
-    # opt-in (DYNADAPTER_VITB_MINIATURE=1): it does not fit the 3-minute budget on 2 cores, and the suite must
-    # stay inside CI's time; the ViT-B/16 checkpoint path and its MACs are checked fast below
-    pytest.param("vit_base_patch16_224", {}, VITB16_GMACS, marks=[
-        pytest.mark.timeout(3600),
-        pytest.mark.skipif(os.environ.get("DYNADAPTER_VITB_MINIATURE") != "1",
-                           reason="~35 min on 2 cores; set DYNADAPTER_VITB_MINIATURE=1 to run it")]),
+    # the preset's backbone, in every `make test`: about 2 min on a lightly loaded 2-core box (measured 2026-12-05:
+    # prepare 0.4 s, train 75 s, evaluate 39 s; 2:03 on an idle one), 8.5 to 9.5 min with the 2 cores loaded by other
+    # test runs (load average 12 to 17); its own limit, 20 min, leaves room for such a box
+    pytest.param("vit_base_patch16_224", {}, VITB16_GMACS, marks=pytest.mark.timeout(1200)),
     ("vit_tiny_patch16_224", {"img_size": 32, "depth": 4}, None),  # the same plumbing in seconds
 ], ids=["vitb16", "tiny"])
 def test_vitb16_preset_miniature_prepare_train_evaluate(tmp_path, name, overrides, gmacs):

@@ -31,7 +31,7 @@ from dynadapter.data.vtab import (
     read_vtab_task,
 )
 
-_LAZY = {"TaskDataset", "load_split_tensors", "decode_images", "normalize"}
+_LAZY = {"TaskDataset", "load_split_tensors", "load_split_images", "decode_images", "normalize"}
 
 
 def __getattr__(name: str):
@@ -59,6 +59,7 @@ __all__ = [
     "generate_task",
     "import_vtab",
     "list_tasks",
+    "load_split_images",
     "load_split_tensors",
     "normalize",
     "read_manifest",

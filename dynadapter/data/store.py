@@ -308,8 +308,10 @@ def read_task(root: str | Path, task: str, split: str | None = None, verify: boo
                 "the file changed after it was written — re-run the prepare stage"
             )
     try:
-        check_schema(pq.read_schema(path), path)
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
+        check_schema(schema, path)
+        # everything but the encoded images first (small): the checks below need every row's label and split
+        table = pq.read_table(path, columns=[n for n in schema.names if n != "image"])
     except DataError:
         raise
     except Exception as err:  # truncated / not parquet
@@ -329,6 +331,19 @@ def read_task(root: str | Path, task: str, split: str | None = None, verify: boo
     if counts != want:
         raise DataError(f"{path}: split counts {counts} differ from the manifest's {want}")
 
+    if split is not None:  # only the wanted rows' images are read (a VTAB-1k test split dwarfs train + val)
+        wanted = list(resolve_split(split))
+        try:
+            table = pq.read_table(path, filters=[("split", "in", wanted)])
+        except Exception as err:
+            raise DataError(f"{path}: unreadable parquet file: {err}") from None
+        labels = table.column("label").to_numpy().astype(np.int64, copy=True)  # writable, as a selection was
+        splits = np.asarray(table.column("split").to_numpy(zero_copy_only=False)).astype(str)
+    else:
+        try:
+            table = pq.read_table(path)
+        except Exception as err:
+            raise DataError(f"{path}: unreadable parquet file: {err}") from None
     names = table.schema.names
     data = TaskData(
         task=task,
@@ -341,7 +356,7 @@ def read_task(root: str | Path, task: str, split: str | None = None, verify: boo
         paths=table.column("path").to_pylist() if "path" in names else None,
         class_names=manifest.get("class_names"),
     )
-    return data.select(split) if split is not None else data
+    return data
 
 
 def list_tasks(root: str | Path) -> list[str]:

@@ -100,7 +100,7 @@ SHAPES: dict[str, np.ndarray] = {
 }
 
 
-def _lerp(a: float, b: float, t: float) -> float:
+def lerp(a: float, b: float, t: float) -> float:
     return a + (b - a) * t
 
 
@@ -120,7 +120,7 @@ class Scene:
     def __init__(self, rng: np.random.Generator, size: int, d: float) -> None:
         self.rng, self.size, self.d = rng, size, d
         self.bg_luma = rng.uniform(0.15, 0.85)
-        self.contrast = _lerp(0.55, 0.14, d) * rng.uniform(0.85, 1.15)
+        self.contrast = lerp(0.55, 0.14, d) * rng.uniform(0.85, 1.15)
         bg = _color(rng, self.bg_luma, sat=(0.0, 0.5))
         ramp = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
         theta = rng.uniform(0, 2 * np.pi)
@@ -185,12 +185,12 @@ class Scene:
                        color=self.object_color(self.contrast * self.rng.uniform(0.5, 1.2)))
 
     def finish(self, noise: float | None = None) -> np.ndarray:
-        sigma = _lerp(0.01, 0.10, self.d) if noise is None else noise
+        sigma = lerp(0.01, 0.10, self.d) if noise is None else noise
         img = self.img + self.rng.normal(0.0, sigma, self.img.shape).astype(np.float32)
         return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _place(rng: np.random.Generator, n: int, r: float, size: int, min_dist: float,
+def place(rng: np.random.Generator, n: int, r: float, size: int, min_dist: float,
            fixed: Sequence[tuple[float, float]] = ()) -> list[tuple[float, float]]:
     """n centres inside the image, at least min_dist from each other and from `fixed` (shrinks if crowded)."""
     for _ in range(20):
@@ -230,8 +230,8 @@ def render_count(rng: np.random.Generator, label: int, d: float, s: int) -> np.n
     """label + 1 objects (CLEVR-count-like); hard: small, low contrast, crowded, with uncounted specks."""
     sc = Scene(rng, s, d)
     n = label + 1
-    r = s * _lerp(0.13, 0.085, d) * rng.uniform(0.9, 1.1)
-    for cx, cy in _place(rng, n, r, s, min_dist=_lerp(2.6, 2.0, d) * r):
+    r = s * lerp(0.13, 0.085, d) * rng.uniform(0.9, 1.1)
+    for cx, cy in place(rng, n, r, s, min_dist=lerp(2.6, 2.0, d) * r):
         sc.shape(str(rng.choice(DISTRACTOR_SHAPES[:3])), cx, cy, r * rng.uniform(0.85, 1.15), rng.uniform(0, 360))
     sc.specks(int(round(d * 6)), max_r=0.3 * r)
     return sc.finish()
@@ -242,12 +242,12 @@ def render_position(rng: np.random.Generator, label: int, d: float, s: int) -> n
     sc = Scene(rng, s, d)
     row, col = divmod(label, POSITION_GRID)
     cell = s / POSITION_GRID
-    r = s * _lerp(0.16, 0.12, d)
-    spread = _lerp(0.15, 0.5, d) * cell  # hard: anywhere in the cell, up to its border
+    r = s * lerp(0.16, 0.12, d)
+    spread = lerp(0.15, 0.5, d) * cell  # hard: anywhere in the cell, up to its border
     cx = np.clip((col + 0.5) * cell + rng.uniform(-1, 1) * spread, col * cell + 0.5, (col + 1) * cell - 0.5)
     cy = np.clip((row + 0.5) * cell + rng.uniform(-1, 1) * spread, row * cell + 0.5, (row + 1) * cell - 0.5)
     n_distractors = int(d * 4 + rng.random() * 0.5)
-    for px, py in _place(rng, n_distractors, r, s, min_dist=2.2 * r, fixed=[(cx, cy)]):
+    for px, py in place(rng, n_distractors, r, s, min_dist=2.2 * r, fixed=[(cx, cy)]):
         sc.shape(str(rng.choice(DISTRACTOR_SHAPES)), px, py, r * rng.uniform(0.8, 1.1), rng.uniform(0, 360))
     sc.shape("cross", cx, cy, r, rng.uniform(-15, 15))
     sc.specks(int(round(d * 3)), max_r=0.25 * r)
@@ -259,11 +259,11 @@ def render_orientation(rng: np.random.Generator, label: int, d: float, s: int) -
     180° symmetry)."""
     sc = Scene(rng, s, d)
     width = 360.0 / ORIENTATION_BINS
-    angle = label * width + rng.uniform(-0.5, 0.5) * _lerp(0.2, 0.96, d) * width
-    r = s * _lerp(0.38, 0.22, d) * rng.uniform(0.9, 1.1)
+    angle = label * width + rng.uniform(-0.5, 0.5) * lerp(0.2, 0.96, d) * width
+    r = s * lerp(0.38, 0.22, d) * rng.uniform(0.9, 1.1)
     cx, cy = rng.uniform(r * 0.8, s - r * 0.8, size=2)
     n_distractors = int(d * 3 + rng.random() * 0.5)
-    for px, py in _place(rng, n_distractors, 0.25 * r, s, min_dist=1.3 * r, fixed=[(cx, cy)]):
+    for px, py in place(rng, n_distractors, 0.25 * r, s, min_dist=1.3 * r, fixed=[(cx, cy)]):
         sc.shape(str(rng.choice(DISTRACTOR_SHAPES[:3])), px, py, 0.3 * r, rng.uniform(0, 360))
     sc.shape("arrow", cx, cy, r, angle)
     sc.specks(int(round(d * 4)), max_r=0.1 * r)
@@ -275,7 +275,7 @@ def render_size(rng: np.random.Generator, label: int, d: float, s: int) -> np.nd
     sc = Scene(rng, s, d)
     lo, hi = SIZE_RANGE
     width = (hi - lo) / SIZE_BINS
-    frac = lo + (label + 0.5 + rng.uniform(-0.5, 0.5) * _lerp(0.3, 0.96, d)) * width
+    frac = lo + (label + 0.5 + rng.uniform(-0.5, 0.5) * lerp(0.3, 0.96, d)) * width
     r = s * frac
     cx, cy = (rng.uniform(min(r, s / 2), max(s - r, s / 2)) for _ in range(2))
     sc.specks(int(round(d * 6)), max_r=0.05 * s)
@@ -385,15 +385,15 @@ def _render_digit(rng: np.random.Generator, index: int, d: float, s: int) -> np.
     sc = Scene(rng, s, d)
     # An 8x8 glyph carries little detail: it keeps at least 70% of the side, a contrast of 0.3 and mild noise,
     # so that the hardest digits stay legible (harsher settings left even a full-depth model near chance).
-    side = max(8, min(s, int(round(s * _lerp(0.95, 0.7, d) * rng.uniform(0.95, 1.05)))))
+    side = max(8, min(s, int(round(s * lerp(0.95, 0.7, d) * rng.uniform(0.95, 1.05)))))
     glyph = Image.fromarray((np.clip(digit / 16.0, 0, 1) * 255).astype(np.uint8), mode="L")
     glyph = glyph.resize((side, side), Image.Resampling.BICUBIC)
-    glyph = glyph.rotate(rng.uniform(-1, 1) * _lerp(3, 15, d), resample=Image.Resampling.BILINEAR)
+    glyph = glyph.rotate(rng.uniform(-1, 1) * lerp(3, 15, d), resample=Image.Resampling.BILINEAR)
     canvas = Image.new("L", (s, s), 0)
     canvas.paste(glyph, (int(rng.integers(0, s - side + 1)), int(rng.integers(0, s - side + 1))))
     sc.specks(int(round(d * 2)), max_r=0.04 * s)
     sc.paint(np.asarray(canvas, dtype=np.float32) / 255.0, sc.object_color(max(sc.contrast, 0.3)))
-    return sc.finish(noise=_lerp(0.01, 0.06, d))
+    return sc.finish(noise=lerp(0.01, 0.06, d))
 
 
 class DigitsTask:

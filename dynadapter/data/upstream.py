@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from dynadapter.data.synthetic import SHAPES, Scene, _lerp, _place, default_workers
+from dynadapter.data.synthetic import SHAPES, Scene, lerp, place, default_workers
 
 SHAPE_NAMES = tuple(SHAPES)
 # Rotational symmetry order of each shape (0: a circle, whose rotation is unobservable).
@@ -52,7 +52,7 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     solid = bool(rng.integers(2))
     r = size * rng.uniform(*RADIUS)
     angle = float(rng.uniform(0, 360))
-    centres = _place(rng, count, r, size, min_dist=_lerp(2.2, 1.6, d) * r)
+    centres = place(rng, count, r, size, min_dist=lerp(2.2, 1.6, d) * r)
     for cx, cy in centres[1:]:  # the other objects are smaller than the main one, so "main" is well defined
         other = SHAPE_NAMES[int(rng.integers(len(SHAPE_NAMES)))]
         r_o = r * rng.uniform(0.35, 0.65)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynadapter.devices import module_device
 from dynadapter.inference.flops import StageCosts
 from dynadapter.models import confidence_score
 from dynadapter.models.dyn_vit import MAX_CONFIDENCE
@@ -32,10 +33,6 @@ from dynadapter.models.dyn_vit import MAX_CONFIDENCE
 NEVER = 2.0  # a threshold above any confidence in [0, 1]: nobody leaves at that exit, and its head is skipped
 ALWAYS = 0.0  # everybody leaves; also stored for the last exit, whose threshold is never read
 MODES = ("path", "search")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _batches(data, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -61,7 +58,7 @@ def collect_exit_logits(
     `data`: an image tensor [N, 3, H, W] (batched here) or an iterable of image batches / (images, labels)
     batches (a DataLoader). With `return_labels`, also returns the loader's labels [N] (tensor input: none).
     """
-    device = _model_device(model)
+    device = module_device(model)
     was_training = model.training
     model.eval()
     chunks, labels = [], []

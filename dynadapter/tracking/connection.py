@@ -20,7 +20,7 @@ class TrackingUnavailableError(RuntimeError):
 # ------------------------------------------------------------------------------------------ tracking URI
 
 
-def _sqlite_path(uri: str) -> str | None:
+def sqlite_path(uri: str) -> str | None:
     return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
 
 
@@ -28,7 +28,7 @@ def resolve_tracking_uri(uri: str, project_root: str | Path = ".") -> str:
     """Local stores made absolute against the project root, so every process (a DVC stage started in any cwd,
     a Ray worker in its own session dir) writes the same database. Server URIs pass through unchanged."""
     root = Path(project_root).resolve()
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is not None:
         if path in ("", ":memory:") or Path(path).is_absolute():
             return uri
@@ -75,7 +75,7 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
                 "Start it (mlflow server --host 127.0.0.1 --port <port>) or set base.mlflow.tracking_uri "
                 "to a reachable server or a sqlite:/// file") from None
         return
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is not None and path not in ("", ":memory:"):
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def _first_line(err: BaseException) -> str:
 
 
 @lru_cache(maxsize=8)
-def _client(tracking_uri: str):
+def tracking_client(tracking_uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -113,11 +113,11 @@ class RunRef:
 
     @property
     def client(self):
-        return _client(self.tracking_uri)
+        return tracking_client(self.tracking_uri)
 
 
 @contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
+def global_tracking_uri(uri: str) -> Iterator[None]:
     """Model.log talks to MLflow's global client: point it at the run's store for the call only."""
     import mlflow
 

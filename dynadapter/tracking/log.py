@@ -20,7 +20,7 @@ from dynadapter.tracking.connection import RunRef
 from dynadapter.tracking.tags import BATCH_LIMIT, MAX_PARAM_LENGTH
 
 
-def _plain(obj: Any) -> Any:
+def plain_value(obj: Any) -> Any:
     """Pydantic models and dataclasses as plain JSON-like data."""
     if hasattr(obj, "model_dump"):
         return obj.model_dump(mode="json")
@@ -29,8 +29,8 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _config_tree(config: Any, sections: Sequence[str] | None) -> dict[str, Any]:
-    tree = _plain(config)
+def config_tree(config: Any, sections: Sequence[str] | None) -> dict[str, Any]:
+    tree = plain_value(config)
     if not isinstance(tree, Mapping):
         raise TypeError(f"config must be a Params, a dataclass or a mapping, got {type(config).__name__}")
     return {k: v for k, v in tree.items() if sections is None or k in sections}
@@ -41,7 +41,7 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        value = _plain(value)
+        value = plain_value(value)
         if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, f"{name}."))
         else:
@@ -158,7 +158,7 @@ def log_macs(run: RunRef, costs: Any) -> None:
 
 def log_config(run: RunRef, config: Any, artifact_file: str = "config/resolved.yaml") -> None:
     """The resolved config as YAML (artifacts can be replaced, unlike params)."""
-    tree = _config_tree(config, None)
+    tree = config_tree(config, None)
     run.client.log_text(run.run_id, yaml.safe_dump(tree, sort_keys=False), artifact_file)
 
 
@@ -213,7 +213,7 @@ def log_task_result(run: RunRef, result: Any, *, plots: bool = True) -> dict[str
     `Evaluated` alone): per-epoch history, parameter counts, per-exit and dynamic accuracies, MACs,
     calibration, throughput as metrics; result.json, curve.csv, pareto.csv and pareto.png as artifacts.
     Returns the scalar metrics logged."""
-    d = result.to_dict() if hasattr(result, "to_dict") else _plain(result)
+    d = result.to_dict() if hasattr(result, "to_dict") else plain_value(result)
     client = run.client
     if d.get("method") is not None:  # the task is already the run's dynadapter.task tag
         client.set_tag(run.run_id, "dynadapter.method", str(d["method"]))

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dynadapter.tracking.connection import RunRef, _global_tracking_uri
+from dynadapter.tracking.connection import RunRef, global_tracking_uri
 from dynadapter.tracking.tags import TAG_MODEL_URI, TAG_TASK
 
 
@@ -87,7 +87,7 @@ def log_dynamic_model(
         # created here, not by Model.log: it would file the model under the fluent API's active experiment
         logged = run.client.create_logged_model(run.experiment_id, name=name, source_run_id=run.run_id,
                                                 tags={TAG_TASK: task} if task else None)
-        with _global_tracking_uri(run.tracking_uri):
+        with global_tracking_uri(run.tracking_uri):
             info = Model.log(
                 artifact_path=None,
                 name=name,

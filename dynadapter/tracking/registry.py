@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dynadapter.tracking.connection import _global_tracking_uri
+from dynadapter.tracking.connection import global_tracking_uri
 from dynadapter.tracking.tags import (CHAMPION, TAG_MODEL_URI, V_BUDGET, V_DECISION, V_PREVIOUS,
                                       V_PREVIOUS_ACCURACY, V_PREVIOUS_MACS, V_PREVIOUS_TEST_ACCURACY, V_REASON,
                                       V_TEST_ACCURACY, V_TEST_MACS, V_VAL_ACCURACY, V_VAL_MACS)
@@ -171,7 +171,7 @@ def promote(
             figures[tag] = repr(float(value))
     if created:
         model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
-        with _global_tracking_uri(client.tracking_uri):  # MLflow resolves models:/ sources with the global client
+        with global_tracking_uri(client.tracking_uri):  # MLflow resolves models:/ sources with the global client
             version = client.create_model_version(model_name, model_uri, run_id=run_id, model_id=model_id,
                                                   tags={TAG_MODEL_URI: model_uri, **figures})
     champion = _champion(client, model_name, alias)

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dynadapter.tracking.connection import RunRef, _client, _sqlite_path
-from dynadapter.tracking.log import _config_tree, _plain, log_config, log_params
+from dynadapter.tracking.connection import RunRef, tracking_client, sqlite_path
+from dynadapter.tracking.log import config_tree, plain_value, log_config, log_params
 from dynadapter.tracking.tags import (PARENT_TAG, PIPELINE_ID_ENV, TAG_KIND, TAG_MODEL_URI, TAG_OWNER_HOST,
                                       TAG_OWNER_PID, TAG_PIPELINE_ID, TAG_STAGE, TAG_TASK)
 
@@ -38,9 +38,9 @@ def pipeline_id_for(params: Any = None, project_root: str | Path = ".") -> str:
     if os.environ.get(PIPELINE_ID_ENV):
         return os.environ[PIPELINE_ID_ENV]
     if params is not None and hasattr(params, "base"):
-        base = _plain(params.base)
+        base = plain_value(params.base)
     else:
-        base = _plain(params.get("base")) if isinstance(params, Mapping) else None
+        base = plain_value(params.get("base")) if isinstance(params, Mapping) else None
     text = json.dumps({"git": _git_commit(Path(project_root)), "base": base}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -80,7 +80,7 @@ def get_or_create_experiment(client, name: str, artifact_location: str | None = 
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Artifacts next to a local sqlite db, one folder per experiment (MLflow's default is relative to the
     cwd of whichever process happens to create the experiment)."""
-    path = _sqlite_path(tracking_uri)
+    path = sqlite_path(tracking_uri)
     if path is None or path in ("", ":memory:"):
         return None
     folder = re.sub(r"[^\w.\-]", "_", experiment)
@@ -104,7 +104,7 @@ def get_or_create_parent(tracking_uri: str, experiment: str, pipeline_id: str) -
     """
     if not re.fullmatch(r"[\w.\-]+", pipeline_id):
         raise ValueError(f"pipeline_id must be letters, digits, '_', '-' or '.', got {pipeline_id!r}")
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     exp_id = get_or_create_experiment(client, experiment, _artifact_location(tracking_uri, experiment))
     found = _find_parent(client, exp_id, pipeline_id)
     if found:
@@ -198,7 +198,7 @@ def pipeline_run(
     for k, v in (tags or {}).items():
         client.set_tag(parent.run_id, k, v)
     if config is not None:
-        tree = _config_tree(config, sections)
+        tree = config_tree(config, sections)
         log_params(parent, tree, strict=False)
         log_config(parent, tree, f"config/{stage}.yaml")
     with _lifecycle(parent, f"dynadapter.stage_status.{stage}"):
@@ -230,7 +230,7 @@ def task_run(
     ref = RunRef(parent.tracking_uri, run.info.run_id, parent.experiment_id)
     with _lifecycle(ref):
         if params is not None:
-            log_params(ref, _config_tree(params, None))
+            log_params(ref, config_tree(params, None))
         yield ref
 
 

@@ -1,28 +1,32 @@
 """Training: prioritized multi-exit loss, backward gradient masking, and the resumable training loop."""
 
 from dynadapter.train.losses import PrioritySchedule, as_logits_list, multi_exit_loss
-from dynadapter.train.loop import (
-    AdamWStrategy,
+from dynadapter.train.checkpoint import (
     CheckpointMismatchError,
-    FitResult,
-    NonFiniteLossError,
-    StepOutput,
-    Strategy,
-    build_optimizer,
-    build_scheduler,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
+from dynadapter.train.loop import (
     evaluate,
     fit,
     fit_resumable,
+    FitResult,
     flatten_metrics,
     iterate_batches,
-    load_checkpoint,
-    load_trainable_state,
+    NonFiniteLossError,
     num_batches,
-    param_groups,
     run_epoch,
-    save_checkpoint,
+    StepOutput,
     train_step,
-    trainable_state,
+)
+from dynadapter.train.optim import (
+    AdamWStrategy,
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+    Strategy,
     warmup_cosine,
     warmup_steps_for,
 )

@@ -1,5 +1,5 @@
-"""The single-process trainer: prioritized multi-exit loss, gradient masking, AdamW with warm-up + cosine,
-model selection on validation only, and atomic, exactly-resumable checkpoints.
+"""The training loop: prioritized multi-exit loss, gradient masking, model selection on validation only, and
+exactly-resumable runs (the optimizer and LR schedule are in `optim`, the checkpoint files in `checkpoint`).
 
 It is built from parts the distributed (Ray Train + DeepSpeed) trainer reuses: `train_step` and `run_epoch`
 never touch an optimizer, they call a `Strategy` (`backward(loss)`, `step()`); `AdamWStrategy` is the plain
@@ -9,7 +9,6 @@ PyTorch one, a DeepSpeed strategy wraps an engine instead (see `Strategy`).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,147 +21,27 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dynadapter.atomic import replacing, stale_temporaries
+from dynadapter.atomic import stale_temporaries
 from dynadapter.config import OptimConfig, TrainConfig
+from dynadapter.devices import module_device, to_host
+from dynadapter.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointMismatchError,
+    frozen_fingerprint,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+)
 from dynadapter.train.losses import PrioritySchedule, as_logits_list, multi_exit_loss
+from dynadapter.train.optim import AdamWStrategy, Strategy, StrategyFactory
 from dynadapter.train.sparsity import BatchDropout, GradientMasker
 
 DataLike = Union[Dataset, tuple[torch.Tensor, torch.Tensor]]
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
-CHECKPOINT_FORMAT = "dynadapter.train.checkpoint/1"
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/Inf loss (or weights); the last checkpoint on disk is the last good one."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint to resume from was written by a different run (config, data size, seed or backbone)."""
-
-
-# ------------------------------------------------------------------------------------------ LR schedule
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR factor of the 0-based optimizer step `step`: linear warm-up, then cosine decay to 0.
-
-    Warm-up: (step+1)/(W+1), rising to just below the peak; step W is the peak (1.0); then
-    0.5·(1+cos(π·(step-W)/(T-W))), which would reach 0 at step T, one past the last step, so no step is
-    wasted at lr 0 and no step repeats the peak.
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_steps_for(cfg: OptimConfig, steps_per_epoch: int) -> int:
-    """Warm-up length in steps (`warmup_epochs` may be fractional), never beyond the run."""
-    return min(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters only, split into decayed (matrices) and not decayed (biases, norm weights, and what
-    timm modules list in `no_weight_decay()`: pos_embed, cls_token, ...)."""
-    skip: set[str] = set()
-    for prefix, mod in model.named_modules():
-        if hasattr(mod, "no_weight_decay") and callable(mod.no_weight_decay):
-            skip |= {f"{prefix}.{n}" if prefix else n for n in mod.no_weight_decay()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay)
-    if not groups:
-        raise ValueError("the model has no trainable parameters (requires_grad=True): nothing to train")
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step warm-up + cosine; also what a DeepSpeed engine is given as its `lr_scheduler`."""
-    warmup, total = warmup_steps_for(cfg, steps_per_epoch), cfg.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        return warmup_cosine(step, warmup, total)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ------------------------------------------------------------------------------------------ strategies
-
-
-class Strategy:
-    """How a step's gradients are computed and applied: the loops call only these members.
-
-    `module` is what the loop runs forward on, `backward(loss)` computes gradients, `step()` applies the
-    update, zeroes gradients and advances the LR schedule, `lr` is the LR of the next step, and
-    `state_dict()` / `load_state_dict()` round-trip the optimizer + schedule (plain tensors/containers only,
-    so checkpoints load with weights_only=True).
-
-    A DeepSpeed strategy is `module = engine`, `backward = engine.backward`, `step = engine.step` (which
-    steps optimizer and scheduler and zeroes grads), the engine built by
-    `deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-    lr_scheduler=build_scheduler(...), config=...)`; its state is per rank under ZeRO, so it overrides
-    `state_dict` accordingly (or saves through `engine.save_checkpoint`).
-    """
-
-    module: nn.Module
-
-    def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def step(self) -> None:
-        raise NotImplementedError
-
-    @property
-    def lr(self) -> float:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class AdamWStrategy(Strategy):
-    """Plain PyTorch: AdamW over the trainable parameters, per-step warm-up + cosine LR."""
-
-    def __init__(self, model: nn.Module, cfg: OptimConfig, steps_per_epoch: int):
-        self.module = model
-        self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-StrategyFactory = Callable[[nn.Module, OptimConfig, int], Strategy]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -228,14 +107,6 @@ def num_batches(data: DataLike, batch_size: int, world_size: int = 1) -> int:
     return math.ceil((n // world_size) / batch_size)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 # ------------------------------------------------------------------------------------------ evaluation
 
 
@@ -249,7 +120,7 @@ def evaluate(
 ) -> list[float]:
     """Per-exit accuracy of `model` (every exit run on every sample) on (X, y), or on a Dataset X."""
     data = _check_data((X, y) if y is not None else X, "evaluate")
-    device = _model_device(model)
+    device = module_device(model)
     was_training = model.training
     model.eval()
     correct: torch.Tensor | None = None
@@ -265,7 +136,7 @@ def evaluate(
         model.train(was_training)
     if correct is None:
         raise ValueError("evaluate: empty data")
-    return [float(c) / n for c in correct.cpu()]
+    return [float(c) / n for c in to_host(correct)]
 
 
 # ------------------------------------------------------------------------------------------ one step, one epoch
@@ -302,14 +173,14 @@ def train_step(
     x, y = batch
     if device is not None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if masker is not None:
+    if masker is not None and strategy.starts_step:
         masker.resample()
     if objective is not None:
         loss, ces = objective(model, x, y)
     else:
         loss, ces = multi_exit_loss(model(x), y, weights, distill, temperature)
-    if not bool(torch.isfinite(loss)):
-        raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {step}")
+    if not _finite(loss):
+        raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, step {step}")
     strategy.backward(loss)
     strategy.step()
     return StepOutput(loss.detach(), ces, int(y.shape[0]))
@@ -363,14 +234,14 @@ def run_epoch(
         n += out.batch_size
         steps += 1
         global_step += 1
-        if progress is not None and not progress.disable:
+        if progress is not None and not progress.disable and not out.loss.is_meta:
             progress.update(1)
             progress.set_postfix(loss=f"{out.loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
     if n == 0:
         raise ValueError("run_epoch: no training batches")
     metrics = {
-        "train_loss": float(loss_sum) / n,
-        "train_ce": [float(c) / n for c in ce_sum.cpu()],
+        "train_loss": float(to_host(loss_sum)) / n,
+        "train_ce": [float(c) / n for c in to_host(ce_sum)],
         "lr": lr,
         "priority": list(weights) if weights is not None else [1.0] * len(ce_sum),
         "steps": steps,
@@ -381,73 +252,14 @@ def run_epoch(
 
 # ------------------------------------------------------------------------------------------ state and checkpoints
 
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of the parameters that train plus all (persistent) buffers: all a checkpoint needs when the
-    frozen backbone is rebuilt from its own pretrained weights."""
-    out = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if isinstance(t, nn.Parameter) and not t.requires_grad:
-            continue
-        out[name] = t.detach().to("cpu", copy=True)
-    return out
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path | None = None) -> None:
-    """Load what `trainable_state` saved. Checked before anything is copied: keys or shapes that do not fit
-    (another architecture, PETL method or number of classes) raise CheckpointMismatchError naming `source`
-    (the file), the keys and the shapes, and leave the model as it was."""
-    own = model.state_dict()
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and k not in frozen]
-    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and tuple(getattr(v, "shape", ())) != tuple(own[k].shape)]
-    if unexpected or missing or shapes:
-        where = f"{source}: " if source is not None else ""
-        raise CheckpointMismatchError(
-            f"{where}checkpoint state does not fit the model: unexpected {unexpected[:10]}, missing {missing[:10]}"
-            + (f", shape mismatches ({len(shapes)}) {shapes[:10]}" if shapes else "")
-        )
-    model.load_state_dict(state, strict=False)
-
-
-def frozen_fingerprint(model: nn.Module) -> float:
-    """A cheap checksum of the frozen weights, so a resume onto a different backbone is caught."""
-    total = 0.0
-    for p in model.parameters():
-        if not p.requires_grad:
-            total += float(p.detach().double().abs().sum()) + 0.5 * float(p.detach().double().sum())
-    return total
-
-
 def _all_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    return all(_finite(p) for p in model.parameters() if p.requires_grad)
 
 
-def save_checkpoint(obj: dict, path: str | Path) -> None:
-    """torch.save to a temporary file next to `path`, fsync, then atomic os.replace: a crash never leaves a
-    half-written checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t` (a meta tensor, the tests' fake accelerator, holds no values to check)."""
+    return t.is_meta or bool(torch.isfinite(t).all())
 
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A trainer checkpoint, loaded safely (weights_only=True) onto the CPU. An unreadable file (truncated,
-    corrupt, not a checkpoint, or holding objects other than tensors and primitives) raises
-    CheckpointMismatchError naming it, so `fit_resumable` starts over instead of crashing."""
-    try:
-        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # RuntimeError (bad zip), EOFError (empty), UnpicklingError (unsafe objects), ...
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        raise CheckpointMismatchError(f"{path}: unreadable trainer checkpoint ({type(err).__name__}: {first})") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointMismatchError(f"{path}: not a dynadapter trainer checkpoint ({CHECKPOINT_FORMAT})")
-    return ckpt
 
 
 def _rng_state(shuffle: torch.Generator, masker: GradientMasker | None) -> dict:
@@ -466,6 +278,7 @@ def _set_rng_state(state: dict, shuffle: torch.Generator, masker: GradientMasker
         torch.cuda.set_rng_state_all(state["cuda"])
     if masker is not None and "masker" in state:
         masker.load_state_dict(state["masker"])
+
 
 
 # ------------------------------------------------------------------------------------------ fit
@@ -524,7 +337,7 @@ def _load_for_resume(path: Path, run_id: dict, fingerprint: float) -> dict:
     return ckpt
 
 
-def _priority_schedule(model: nn.Module, cfg: OptimConfig) -> PrioritySchedule | None:
+def priority_schedule(model: nn.Module, cfg: OptimConfig) -> PrioritySchedule | None:
     """The configured schedule, checked against the model's exits; None (all weights 1) when there is none:
     a plain OptimConfig, a flat pattern without explicit weights, or a single-exit model without them."""
     prio = getattr(cfg, "priority", None)
@@ -595,14 +408,15 @@ def fit(
     train = _check_data(train, "train")
     val = _check_data(val, "val") if val is not None else None
     metric_name, score = _selector(select)
-    device = _model_device(model)
     progress = sys.stderr.isatty() if progress is None else progress
     eval_bs = eval_batch_size or max(cfg.batch_size, 256)
     steps_per_epoch = num_batches(train, cfg.batch_size, world_size)
     total_steps = cfg.epochs * steps_per_epoch
-    schedule = _priority_schedule(model, cfg)
+    schedule = priority_schedule(model, cfg)
     distill, temperature = (cfg.distill, cfg.distill_temperature) if isinstance(cfg, TrainConfig) else (0.0, 2.0)
+    fingerprint = frozen_fingerprint(model)  # before the strategy may cast the model (bf16) or move it
     strat = (strategy or AdamWStrategy)(model, cfg, steps_per_epoch)
+    device = strat.device  # where the strategy put the model: every batch, labels included, goes there
     shuffle = torch.Generator().manual_seed(seed)
     run_id = {
         "config": cfg.model_dump(mode="json"),
@@ -615,7 +429,6 @@ def fit(
     if world_size > 1:  # only then, so checkpoints written before this key existed still resume
         run_id["world_size"] = world_size
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    fingerprint = frozen_fingerprint(model)
     history: list[dict[str, Any]] = []
     best_epoch, best_metric, best_state = 0, None, None
     start_epoch, resumed_from, stopped = 0, None, False
@@ -637,7 +450,7 @@ def fit(
                 "epoch": epoch,
                 "global_step": epoch * steps_per_epoch,
                 "stopped_early": stopped_early,
-                "model": trainable_state(model),
+                "model": strat.weights(),
                 "strategy": strat.state_dict(),
                 "rng": _rng_state(shuffle, masker),
                 "best": {"epoch": best_epoch, "metric": best_metric, "state": best_state},
@@ -694,9 +507,9 @@ def fit(
                 metrics.update(val_acc=accs, val_acc_mean=sum(accs) / len(accs), val_acc_last=accs[-1])
                 value = score(metrics)
                 if best_metric is None or value > best_metric:  # ties keep the earlier epoch
-                    best_epoch, best_metric, best_state = e1, value, trainable_state(model)
+                    best_epoch, best_metric, best_state = e1, value, strat.weights()
             else:
-                best_epoch, best_state = e1, trainable_state(model)
+                best_epoch, best_state = e1, strat.weights()
             history.append(metrics)
             checkpoint(e1, False)
             if on_epoch_end is not None and on_epoch_end(e1, metrics) is True:

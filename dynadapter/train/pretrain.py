@@ -17,7 +17,7 @@ from dynadapter.config import BackboneConfig, PretrainConfig
 from dynadapter.data.store import file_sha256
 from dynadapter.data.upstream import FACTORS, IGNORE, factor_slices, generate_scenes
 from dynadapter.models.backbone import normalization
-from dynadapter.train.loop import FitResult, fit_resumable
+from dynadapter.train.loop import fit_resumable, FitResult
 
 BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_INFO = "backbone.json"

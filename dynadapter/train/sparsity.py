@@ -53,8 +53,9 @@ class GradientMasker:
         self.q = float(q)
         self.rescale = rescale
         if generator is None:
-            device = self.params[0].device if self.params else torch.device("cpu")
-            generator = torch.Generator(device=device).manual_seed(seed)
+            # drawn on the CPU wherever the parameters are: the same masks on a GPU as on the CPU (PETL's few
+            # parameters make the copy cheap), and on `meta`, the tests' fake accelerator, which has no generator
+            generator = torch.Generator().manual_seed(seed)
         self.generator = generator
         self._masks: list[torch.Tensor | None] = [None] * len(self.params)
         self._handles: list = []
@@ -212,10 +213,12 @@ class BatchDropout:
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not module.training or module.p == 0:
                 return x
-            gen = self._generator(x.device)
+            # drawn where x is, except on `meta` (the tests' fake accelerator), which has no generator
+            where = torch.device("cpu") if x.device.type == "meta" else x.device
+            gen = self._generator(where)
             full = (x.shape[0] * self.world_size, *x.shape[1:])
-            keep = torch.rand(full, generator=gen, device=x.device)[self.rank :: self.world_size] >= module.p
-            return x * keep.to(x.dtype) * (1.0 / (1.0 - module.p))
+            keep = torch.rand(full, generator=gen, device=where)[self.rank :: self.world_size] >= module.p
+            return x * keep.to(device=x.device, dtype=x.dtype) * (1.0 / (1.0 - module.p))
 
         return forward
 

@@ -90,10 +90,6 @@ class TaskSource:
     def load(self, splits: tuple[str, ...] = SPLITS, *, uint8: bool = True) -> TaskData:
         return load_task(self.root, self.task, self.img_size, self.mean, self.std, splits=splits, uint8=uint8)
 
-    @property
-    def num_classes(self) -> int:
-        return int(read_manifest(self.root, self.task)["num_classes"])
-
 
 def to_model_input(x: torch.Tensor, device: torch.device | str | None,
                    norm: tuple[Sequence[float], Sequence[float]] | None) -> torch.Tensor:
@@ -297,20 +293,19 @@ def placed_on(models: list[torch.nn.Module], device: torch.device | str | None):
     if device is None or torch.device(device).type == "cpu":
         yield
         return
-    kept = [(mod, kind, name, t) for m in models for mod in m.modules()
-            for kind, tensors in (("param", mod._parameters), ("buffer", mod._buffers))
-            for name, t in tensors.items() if t is not None]
-    kept = [(mod, kind, name, t.data if kind == "param" else t) for mod, kind, name, t in kept]
+    modules = [mod for m in models for mod in m.modules()]
+    params = [(mod, name, p.data, p.requires_grad) for mod in modules for name, p in mod._parameters.items()
+              if p is not None]
+    buffers = [(mod, name, b) for mod in modules for name, b in mod._buffers.items() if b is not None]
     for m in models:
         m.to(device)
     try:
         yield
     finally:
-        for mod, kind, name, t in kept:
-            if kind == "param":  # a new Parameter: `.data =` refuses a meta -> CPU change
-                mod._parameters[name] = torch.nn.Parameter(t, requires_grad=mod._parameters[name].requires_grad)
-            else:
-                mod._buffers[name] = t
+        for mod, name, data, requires_grad in params:  # new Parameters: `.data =` refuses a meta -> CPU change
+            mod._parameters[name] = torch.nn.Parameter(data, requires_grad=requires_grad)
+        for mod, name, b in buffers:
+            mod._buffers[name] = b
 
 
 def merged_for_inference(model: DynAdapterViT, thresholds: list[float] | None = None) -> DynAdapterViT:

@@ -13,8 +13,6 @@ Ray is imported lazily; `init_ray` (dynadapter.ray_session) joins the cluster.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -28,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dynadapter.config import BackboneConfig, ModelConfig, RayConfig, TrainConfig
+from dynadapter.config import BackboneConfig, ModelConfig, RayConfig, TrainConfig, config_digest
 
 DRIVER_CPU = 0.01  # a job's driver task only waits on its TorchTrainer (as tune's trial trainables do)
 
@@ -57,9 +55,8 @@ class FitJob:
         """What the run computes: model, training settings (not where it runs: train.ray, train.storage),
         seed, split and data. Two experiments or projects sharing train.storage get different folders."""
         train = {k: v for k, v in self.train.items() if k not in ("ray", "storage")}
-        text = json.dumps({"backbone": self.backbone, "model": self.model, "train": train, "seed": self.seed,
-                           "trainval": self.trainval, "data": self.data}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return config_digest({"backbone": self.backbone, "model": self.model, "train": train, "seed": self.seed,
+                              "trainval": self.trainval, "data": self.data})
 
     @property
     def run_name(self) -> str:
@@ -292,11 +289,10 @@ def fitting_tasks(ray_cfg: RayConfig, *, workers: int = 1) -> int:
     the cluster's resources hold at once (at least 1)."""
     import ray
 
-    res = ray.cluster_resources()
-    fits = [res.get("CPU", 0.0) / (workers * ray_cfg.cpus_per_worker)]
-    if ray_cfg.gpus_per_worker > 0:
-        fits.append(res.get("GPU", 0.0) / (workers * ray_cfg.gpus_per_worker))
-    return max(1, int(min(fits) + 1e-9))
+    from dynadapter.distributed import how_many_fit
+
+    return max(1, how_many_fit(ray.cluster_resources(), workers * ray_cfg.cpus_per_worker,
+                               workers * ray_cfg.gpus_per_worker))
 
 
 def map_on_ray(fn: Callable, calls: Iterable[tuple[tuple, dict]], ray_cfg: RayConfig, *,

@@ -526,6 +526,16 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     return parse_params(apply_overrides(raw, overrides), str(path))
 
 
+def config_digest(tree: Any, length: int = 12) -> str:
+    """A short hex digest of plain config data (JSON with sorted keys): the same settings, the same digest. What
+    names a run's folder or a sweep, so an interrupted one is found again."""
+    import hashlib
+    import json
+
+    text = json.dumps(tree, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def section_dict(params: Params, *sections: str) -> dict:
     """The resolved sections as plain data (what a stage saves next to its outputs)."""
     out = {}

@@ -7,6 +7,7 @@ Ray is imported lazily; a Ray session must be running (`dynadapter.ray_session.i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,15 @@ def torch_trainer(worker, loop_config: dict, *, num_workers: int, worker_cpu: fl
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
+
+
+def how_many_fit(resources: Mapping[str, float], cpu: float, gpu: float = 0.0) -> int:
+    """How many requests of `cpu` CPUs and `gpu` GPUs `resources` (e.g. `ray.cluster_resources()`) hold at once
+    (0 when not even one fits)."""
+    fits = math.floor(float(resources.get("CPU", 0)) / cpu + 1e-9)
+    if gpu > 0:
+        fits = min(fits, math.floor(float(resources.get("GPU", 0)) / gpu + 1e-9))
+    return fits
 
 
 def task_options(ray_cfg: RayConfig) -> dict[str, float]:

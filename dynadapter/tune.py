@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from dynadapter.config import Params, RayConfig, TrainConfig, TuneConfig
+from dynadapter.distributed import how_many_fit
 from dynadapter.ray_session import check_shared_storage, init_ray, storage_uri
 from dynadapter.trial import METRIC, TrialSpec, train_worker
 
@@ -55,9 +56,7 @@ def plan_resources(cluster: Mapping[str, float], ray_cfg: RayConfig, max_concurr
     trial_cpu = TRAINABLE_CPU + ray_cfg.num_workers * ray_cfg.cpus_per_worker
     trial_gpu = ray_cfg.num_workers * ray_cfg.gpus_per_worker
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    fits = math.floor(cpus / trial_cpu + 1e-9)
-    if trial_gpu > 0:
-        fits = min(fits, math.floor(gpus / trial_gpu + 1e-9))
+    fits = how_many_fit(cluster, trial_cpu, trial_gpu)
     if fits < 1 and ray_cfg.autoscaling:  # the nodes that fit a trial are still to come: trials wait for them
         fits = max_concurrent or 1
         print(f"tune: the cluster has {cpus:g} CPU and {gpus:g} GPU now; one trial needs {trial_cpu:g} CPU and "

@@ -176,11 +176,12 @@ def _train_on_cluster(params: Params, address: str, stdout) -> Iterator[VariantR
     # where each task's prepared data is: a task's runs read its train/val (uint8, never test) themselves, on
     # this machine's node, so this process never holds any task's images (dynadapter.cluster.train_jobs_on_ray)
     sources = task_sources(base)
-    num_classes = {task: src.num_classes for task, src in sources.items()}
+    manifests = {task: read_manifest(base.paths.data, task) for task in base.tasks}  # read once per task
+    num_classes = {task: int(m["num_classes"]) for task, m in manifests.items()}
     keys = [(task, variant) for task in base.tasks for variant in VARIANTS]
-    checksums = {task: read_manifest(base.paths.data, task)["checksum"] for task in base.tasks}
     chains = [fit_jobs(task, variant, base.backbone, *variant_configs(params, variant), seed=base.seed,
-                       standard=cfg.protocol == "standard", data=checksums[task]) for task, variant in keys]
+                       standard=cfg.protocol == "standard", data=manifests[task]["checksum"])
+              for task, variant in keys]
     storage = cfg.storage or str(Path(base.paths.models) / "checkpoints" / "train-ray")
     check_shared_storage(storage, "train.storage")  # several nodes: each must see it, or runs lose checkpoints
     backbone_state = create_backbone(base.backbone, checkpoint).state_dict()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
-from dynadapter.config import Params, section_dict
+from dynadapter.config import Params, config_digest, section_dict
 from pipelines.common import (load_stage_params, save_stage_config, stage_parser, stage_tracking, write_csv,
                               write_text_atomic)
 
@@ -46,8 +45,7 @@ def experiment_name(params: Params) -> str:
     for section, keys in PLACEMENT_KEYS.items():
         for key in keys:
             tree[section].pop(key, None)
-    text = json.dumps(tree, sort_keys=True, default=str)
-    return "tune-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+    return "tune-" + config_digest(tree, 10)
 
 
 def log_trials(parent, outcome, tasks: list[str]) -> None:

@@ -16,7 +16,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: repro test bench backbone mutate install clean-venv
+.PHONY: repro test bench backbone serve mutate install clean-venv
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: $(STAMP)
 backbone: $(STAMP)
 	set -o pipefail; $(BIN)/python -m pipelines.pretrain --ship 2>&1 | tee weights/embedded_backbone.log.partial
 	mv weights/embedded_backbone.log.partial weights/embedded_backbone.log
+
+# Serve a task's registered champion over REST (after `make repro`): make serve [TASK=digits] [PORT=5001].
+# Runs MLflow's scoring server from the venv, venv on PATH (MLflow starts uvicorn by name). README: "Serve".
+serve: $(STAMP)
+	$(BIN)/python -m pipelines.serve $(if $(TASK),--task $(TASK)) $(if $(PORT),--port $(PORT)) $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from dynadapter.config import BackboneConfig, ModelConfig
+from dynadapter.inference.calibrate import ALWAYS  # every confidence reaches it: the image leaves there
 from dynadapter.inference.flops import StageCosts
 from dynadapter.models import DynAdapterViT, build_model, confidence_score, merge_petl, normalization
 from dynadapter.models.petl import PetlModule
@@ -188,22 +190,36 @@ class DynamicPredictor:
                 f"[{images.min():.3g}, {images.max():.3g}]")
         return torch.from_numpy(np.ascontiguousarray(images))
 
+    @property
+    def cheapest_fraction(self) -> float:
+        """The least any input can cost, as a fraction of full depth: every image leaving at the first exit
+        (thresholds 0), whose head alone runs. No budget below it can be met."""
+        first = self.costs.cumulative([ALWAYS] * self.num_exits)[0]
+        return first / self.costs.full_depth_baseline()
+
     def thresholds_for_budget(self, budget: float) -> list[float]:
         """The val-calibrated thresholds of the largest stored budget at or below `budget`.
 
-        Never above the request: that point's val MACs fraction is <= its own budget <= `budget`.
+        Never above the request: that point's val MACs fraction is <= its own budget <= `budget`. A budget below
+        every calibrated one but not below `cheapest_fraction` gets "every image leaves at the first exit"
+        (thresholds 0), which costs exactly `cheapest_fraction` on any input, with a warning; a budget below
+        `cheapest_fraction` cannot be met and is refused.
         """
         if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
             raise ValueError(f"budget must be a finite fraction of full-depth MACs > 0, got {budget!r}")
         if self.num_exits == 1:
             return list(self.config["default_thresholds"])
         feasible = [p for p in self.curve if p["budget"] <= budget + 1e-6]  # a float32 0.45 is still 0.45
-        if not feasible:
-            stored = [p["budget"] for p in self.curve]
-            smallest = f"the smallest calibrated budget is {min(stored)}" if stored else "no curve is stored"
-            raise ValueError(f"budget {budget} is below every val-calibrated budget ({smallest}); "
-                             "pass a larger budget or explicit thresholds")
-        return list(feasible[-1]["thresholds"])
+        if feasible:
+            return list(feasible[-1]["thresholds"])
+        floor = self.cheapest_fraction
+        if budget + 1e-6 < floor:
+            raise ValueError(f"budget {budget} is below what this model can spend: every image leaving at the first "
+                             f"exit costs {floor:.3f} of full-depth MACs; pass a budget >= {floor:.3f}")
+        smallest = min((p["budget"] for p in self.curve), default=None)
+        warnings.warn(f"budget {budget} is below the smallest val-calibrated budget ({smallest}): every image "
+                      f"leaves at the first exit ({floor:.3f} of full-depth MACs on any input)", stacklevel=2)
+        return [ALWAYS] * self.num_exits
 
     def resolve_thresholds(self, budget: float | None = None, thresholds: Sequence[float] | None = None) -> list[float]:
         """Explicit thresholds win; else the budget's val-calibrated ones; else the defaults saved with the model."""
@@ -250,4 +266,12 @@ class DynAdapterPyfunc(PythonModel):
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         # np.ndarray: MLflow infers no schema from it and validates against the logged signature instead
         params = params or {}
-        return self.predictor.predict(model_input, budget=params.get("budget"), thresholds=params.get("thresholds"))
+        try:
+            return self.predictor.predict(model_input, budget=params.get("budget"),
+                                          thresholds=params.get("thresholds"))
+        except ValueError as err:
+            # MLflow's own exception keeps the reason: the scoring server answers 400 with it in `message`
+            # (any other exception becomes "Encountered an unexpected error", the reason buried in a trace)
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException.invalid_parameter_value(str(err)) from err

@@ -260,3 +260,52 @@ def test_unreachable_tracking_server_stops_stage_before_work(tmp_path, capsys):
     assert exit_info.value.code == 3
     assert uri in capsys.readouterr().err
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_champion_served_over_rest(pipeline_run):
+    """`python -m pipelines.serve` (what `make serve` runs) starts MLflow's real scoring server on the champion
+    the register stage promoted; requests as the README shows them, over HTTP; the server stopped by its PID."""
+    import numpy as np
+
+    from dynadapter.adapt import curve_at_budgets, load_task_for
+    from dynadapter.config import load_params
+    from pipelines.serve import invoke, running_server
+
+    root, _ = pipeline_run
+    params = load_params(root / "params.yaml")
+    val = load_task_for(params.base, "size", splits=("val",), uint8=True).val  # what the thresholds were fitted on
+    x = (val[0].float() / 255).numpy()
+    per_task = json.loads((root / "outputs/evaluate/per_task.json").read_text())
+    calibrated = curve_at_budgets(per_task["size"]["dyn"]["curve"], [0.5])[0.5]
+
+    with running_server(["--params", str(root / "params.yaml"), "--task", "size"],
+                        log=root / "serve.log") as url:
+        status, full = invoke(url, x, {"thresholds": [2.0, 2.0, 2.0, 0.0]})  # nobody leaves early
+        assert status == 200 and set(full["predictions"]["exit_index"]) == {3}
+        baseline = full["predictions"]["macs"][0]
+        assert baseline == per_task["size"]["dyn"]["full_depth_macs"]
+
+        status, half = invoke(url, x, {"budget": 0.5})
+        assert status == 200
+        out = half["predictions"]
+        assert set(out) == {"prediction", "exit_index", "confidence", "macs"} and len(out["macs"]) == len(x)
+        spent = float(np.mean(out["macs"])) / baseline
+        assert spent <= 0.5 and spent == pytest.approx(calibrated["val_fraction"], abs=1e-9)
+        assert len(set(out["exit_index"])) > 1  # early exits really taken
+
+        status, all_in = invoke(url, x, {"budget": 1.0})
+        assert status == 200 and set(all_in["predictions"]["exit_index"]) == {3}
+        assert all_in["predictions"]["macs"] == full["predictions"]["macs"]
+        assert all_in["predictions"]["prediction"] == full["predictions"]["prediction"]
+
+        for bad, reason in ((-1.0, "budget must be a finite fraction of full-depth MACs > 0, got -1.0"),
+                            (0.01, "budget 0.01 is below what this model can spend")):
+            status, err = invoke(url, x[:2], {"budget": bad})
+            assert status == 400 and err["error_code"] == "INVALID_PARAMETER_VALUE"
+            assert reason in err["message"]
+        status, err = invoke(url, x[:2], {"thresholds": [0.5, 0.5]})
+        assert status == 400 and "need 4 values (one per exit), got 2" in err["message"]
+
+        status, err = invoke(url, x[:2, :, :8], None)  # wrong spatial size
+        assert status == 400 and "does not match expected shape (-1, 3, 16, 16)" in err["message"]

@@ -264,7 +264,8 @@ def test_registered_model_round_trip(registered, evaluated):
     (pixels(2, 0) * 255, None, r"\[0, 1\]"),  # 0-255 floats
     (np.full((1, 3, 16, 16), np.nan, np.float32), None, "NaN"),
     (pixels(2, 0), {"thresholds": [0.5, 0.5]}, "need 4 values"),
-    (pixels(2, 0), {"budget": 0.01}, "smallest calibrated budget"),
+    (pixels(2, 0), {"budget": 0.01}, r"below what this model can spend: every image leaving at the first exit costs"),
+    (pixels(2, 0), {"budget": -1}, "finite fraction"),
     (pixels(2, 0), {"budget": 0.5, "thresholds": [0.5] * 4}, "either budget or thresholds"),
 ])
 def test_bad_inputs_raise_clear_errors(evaluated, tmp_path, bad, params, match):
@@ -278,14 +279,47 @@ def test_bad_inputs_raise_clear_errors(evaluated, tmp_path, bad, params, match):
         predictor.predict(bad, **(params or {}))
 
 
+def test_budget_below_every_calibrated_one_sends_everyone_to_the_first_exit(evaluated, tmp_path):
+    """Between the cheapest possible cost and the smallest calibrated budget: thresholds 0 (cost exactly the
+    floor on any input, so the budget holds), with a warning naming both; below the floor: refused."""
+    ev = evaluated["result"].evaluated
+    bundle = save_bundle(evaluated["model"], tmp_path / "b", backbone_cfg=evaluated["bcfg"],
+                         model_cfg=evaluated["mcfg"], costs=evaluated["costs"], curve=ev.curve, budget=0.5)
+    predictor = load_bundle(bundle)
+    predictor.curve = [p for p in predictor.curve if p["budget"] >= 0.6]  # as if nothing cheaper was calibrated
+    floor = predictor.cheapest_fraction
+    costs = evaluated["costs"]
+    assert floor == pytest.approx(costs.cumulative([0.0] * 4)[0] / costs.full_depth_baseline())
+    assert 0 < floor < 0.55
+    budget = (floor + 0.6) / 2
+    with pytest.warns(UserWarning, match="below the smallest val-calibrated budget .0.6"):
+        out = predictor.predict(pixels(16, seed=3), budget=budget)
+    assert out["exit_index"].tolist() == [0] * 16
+    assert (out["macs"] / costs.full_depth_baseline() == pytest.approx(floor)) and floor <= budget
+    with pytest.raises(ValueError, match=f"pass a budget >= {floor:.3f}"):
+        predictor.predict(pixels(2, 0), budget=floor - 0.01)
+
+
+def test_pyfunc_bad_params_raise_mlflow_invalid_parameter_value(registered):
+    """The scoring server turns an MlflowException into a 400 whose `message` carries its text; any other
+    exception becomes "unexpected error". So the pyfunc raises MLflow's own, with the predictor's reason."""
+    loaded = mlflow.pyfunc.load_model(f"models:/tiny-count@{CHAMPION}")
+    for params, reason in (({"budget": -1.0}, "finite fraction"), ({"budget": 0.01}, "below what this model"),
+                           ({"thresholds": [0.5, 0.5]}, "need 4 values")):
+        with pytest.raises(MlflowException, match=reason) as err:
+            loaded.predict(pixels(2, 0), params=params)
+        assert err.value.error_code == "INVALID_PARAMETER_VALUE" and err.value.get_http_status_code() == 400
+
+
 def test_pyfunc_rejects_bad_shape_and_dtype(registered):
     loaded = mlflow.pyfunc.load_model(f"models:/tiny-count@{CHAMPION}")
     with pytest.raises(MlflowException, match=r"\(-1, 3, 16, 16\)"):
         loaded.predict(pixels(2, 0)[:, :, :8, :8])
     with pytest.raises((MlflowException, ValueError), match="float32"):
         loaded.predict(pixels(2, 0).astype(np.float64))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(MlflowException, match=r"\[0, 1\]") as err:  # the predictor's reason, as MLflow's own
         loaded.predict(pixels(2, 0) * 255)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 # ------------------------------------------------------------------------------------------ promotion

@@ -1,0 +1,87 @@
+"""Benchmark (issue 26): the registered champion served over REST, end to end over HTTP on this machine.
+
+Starts `python -m pipelines.serve` (what `make serve` runs: MLflow's scoring server, one worker, 127.0.0.1) on
+the champion of --task, waits for /ping, then times POST /invocations with 1 and with 64 test images at
+--budget (JSON encode + HTTP + schema check + compacted dynamic inference + JSON decode: what a client sees),
+--repeats times each after one warm-up request, interleaved. Also reports, on the same 64 images, the MACs the
+served model spent against the budget and its accuracy, and the same for budget 1.0. The server is stopped by
+its PID. Writes bench/results/serve_latency.json.
+
+Needs `make repro` first (the register stage registers the champions in base.mlflow.tracking_uri).
+    .venv/bin/python bench/serve_latency.py [--task digits] [--budget 0.5] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dynadapter.adapt import load_task_for
+from dynadapter.config import load_params
+from pipelines.serve import invoke, running_server
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "serve_latency.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--task", default="digits")
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params)
+    test = load_task_for(params.base, args.task, splits=("test",), uint8=True).test
+    x = (test[0][:64].float() / 255).numpy()
+    y = test[1][:64].numpy()
+    sizes = (1, 64)
+    timings: dict[int, list[float]] = {n: [] for n in sizes}
+    with running_server(["--params", args.params, "--task", args.task]) as url:
+        _, full = invoke(url, x, {"thresholds": [2.0] * 3 + [0.0]})  # everyone to the last exit: the baseline
+        baseline = full["predictions"]["macs"][0]
+        quality = {}
+        for budget in (args.budget, 1.0):
+            status, body = invoke(url, x, {"budget": budget})
+            if status != 200:
+                print(f"error: budget {budget}: HTTP {status}: {body.get('message', body)}", file=sys.stderr)
+                return 1
+            pred = body["predictions"]
+            quality[str(budget)] = {"macs_fraction": float(np.mean(pred["macs"])) / baseline,
+                                    "accuracy": float(np.mean(np.asarray(pred["prediction"]) == y))}
+        for n in sizes:
+            invoke(url, x[:n], {"budget": args.budget})  # warm-up
+        for _ in range(args.repeats):
+            for n in sizes:
+                t0 = time.perf_counter()
+                status, _ = invoke(url, x[:n], {"budget": args.budget})
+                timings[n].append(time.perf_counter() - t0)
+                assert status == 200
+    result = {
+        "task": args.task, "budget": args.budget, "repeats": args.repeats, "full_depth_macs": baseline,
+        "latency_ms": {str(n): {"median": 1e3 * statistics.median(t), "p90": 1e3 * float(np.quantile(t, 0.9)),
+                                "min": 1e3 * min(t)} for n, t in timings.items()},
+        "images_per_second_64": 64 / statistics.median(timings[64]),
+        "on_64_test_images": quality,
+        "command": ".venv/bin/python bench/serve_latency.py " + " ".join(argv or sys.argv[1:]),
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    for n in sizes:
+        lat = result["latency_ms"][str(n)]
+        print(f"{n:>3} image(s): median {lat['median']:.1f} ms, p90 {lat['p90']:.1f} ms, min {lat['min']:.1f} ms")
+    for budget, q in quality.items():
+        print(f"budget {budget}: {q['macs_fraction']:.3f} of full-depth MACs, accuracy {q['accuracy']:.3f} (64 test images)")
+    print(f"wrote {OUT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

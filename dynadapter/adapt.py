@@ -23,6 +23,7 @@ from dynadapter.devices import to_host
 from dynadapter.data import load_split_tensors, read_manifest
 from dynadapter.inference import (
     calibrate,
+    calibrate_drop,
     compare_modes,
     collect_exit_logits,
     dynamic_vs_full,
@@ -30,6 +31,7 @@ from dynadapter.inference import (
     measure_stage_costs,
     pareto_front,
     sweep,
+    validation_path_stats,
 )
 from dynadapter.models import build_model, count_parameters, create_backbone, merge_petl, normalization
 from dynadapter.models.dyn_vit import DynAdapterViT
@@ -158,6 +160,9 @@ class Evaluated:
     throughput: dict[str, Any] | None = None
     mode_comparison: dict[str, Any] | None = None  # calibration modes scored on held-out val halves
     calibrated_on: str = "val200"  # whose val logits chose the thresholds (see evaluate_task)
+    # val counts along the fixed threshold grid (guarantee.PathStats.to_dict): what the served model needs to
+    # certify a budget or an accuracy drop per request; kept out of per_task.json (the bundle holds it)
+    path_stats: dict[str, Any] | None = None
 
 
 @dataclass
@@ -256,15 +261,35 @@ def trainval_data(data: TaskData) -> TaskData:
     return TaskData((x, y), None, data.test, data.num_classes, data.norm)
 
 
+def final_schedule(train_cfg: TrainConfig, best_epoch: int) -> TrainConfig:
+    """The standard protocol's final run: `best_epoch` epochs (what the selection run chose on val200), the full
+    warm-up + cosine over them, the warm-up scaled by the same factor as the run (warmup_epochs x best_epoch /
+    epochs). Unscaled, a selected epoch at or below the warm-up (ViT-B/16 preset: 10 warm-up epochs) would make
+    the whole final run warm-up."""
+    return train_cfg.model_copy(update={"epochs": best_epoch,
+                                        "warmup_epochs": train_cfg.warmup_epochs * best_epoch / train_cfg.epochs})
+
+
 def retrain_on_trainval(task: str, data: TaskData, backbone_cfg: BackboneConfig, model_cfg: ModelConfig,
                         train_cfg: TrainConfig, checkpoint: str | Path | None, selected: Trained,
                         **train_kwargs) -> tuple[Trained, DynAdapterViT]:
     """The model the standard VTAB-1k protocol (NOAH, DyT, the paper) reports: a fresh model trained on
     train800val200 for the epoch count the train800-only run `selected` chose on val200, with the same
-    settings and seed, its last epoch kept (nothing is left to select on). The lr schedule is the full
-    warm-up + cosine over those epochs, as a rerun with `epochs` set to that count would have."""
-    cfg = train_cfg.model_copy(update={"epochs": selected.best_epoch})
+    settings and seed, its last epoch kept (nothing is left to select on), on `final_schedule`."""
+    cfg = final_schedule(train_cfg, selected.best_epoch)
     return train_task(task, trainval_data(data), backbone_cfg, model_cfg, cfg, checkpoint, **train_kwargs)
+
+
+def retrain_for_calibration(task: str, data: TaskData, backbone_cfg: BackboneConfig, model_cfg: ModelConfig,
+                            train_cfg: TrainConfig, checkpoint: str | Path | None, selected: Trained,
+                            **train_kwargs) -> tuple[Trained, DynAdapterViT]:
+    """The standard protocol's threshold donor: trained as `retrain_on_trainval` trains the reported model (same
+    `final_schedule`, settings and seed, last epoch kept) but on train800 only, so val200 is new to it and its
+    val confidences are those of the reported model's kind of run on unseen images. The train800-only model of
+    the selection run is no such donor: it was stopped mid-schedule at the epoch val200 liked best."""
+    cfg = final_schedule(train_cfg, selected.best_epoch)
+    train_only = TaskData(data.train, None, data.test, data.num_classes, data.norm)
+    return train_task(task, train_only, backbone_cfg, model_cfg, cfg, checkpoint, **train_kwargs)
 
 
 def accelerator_strategy(ds: DeepSpeedConfig | None = None):
@@ -321,10 +346,13 @@ def merged_for_inference(model: DynAdapterViT, thresholds: list[float] | None = 
 def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
                   throughput_batch: int = 0, repeats: int = 5, calibration: str = "path",
                   calibration_model: DynAdapterViT | None = None,
-                  device: torch.device | str | None = None) -> Evaluated:
+                  device: torch.device | str | None = None, budget_confidence: float | None = None,
+                  target: str = "budget", max_drop: float = 0.02, drop_confidence: float = 0.9) -> Evaluated:
     """Merge PETL, calibrate thresholds on val for `budget` (`calibration`: path | search, see
-    `dynadapter.inference.calibrate`), then evaluate once on test (and the val-calibrated threshold sweep on
-    test). Both calibration modes are also scored on held-out val halves (`mode_comparison`), so whether
+    `dynadapter.inference.calibrate`; `budget_confidence`: certified at that probability, see
+    `dynadapter.inference.guarantee`) or, with `target` "accuracy_drop", for an accuracy drop against the last
+    exit of at most `max_drop` certified at `drop_confidence`, then evaluate once on test (and the
+    val-calibrated threshold sweep, at `budget_confidence`, on test). Both calibration modes are also scored on held-out val halves (`mode_comparison`), so whether
     `search` beats the default can be judged without test. `throughput_batch` > 0 also times compacted
     dynamic inference against full depth on that many test images, on `device`. Leaves the model merged, in
     eval mode, holding the calibrated thresholds. Reads only `data.val` and `data.test`; uint8 images
@@ -345,15 +373,21 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
         val_logits = to_host(collect_exit_logits(calibration_model or model, data.val[0]))
         test_logits = to_host(collect_exit_logits(model, data.test[0]))
 
-        cal = calibrate(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
-                        confidence=model.confidence, mode=calibration)
+        if target == "accuracy_drop":
+            cal = calibrate_drop(val_logits=val_logits, val_labels=val_y, costs=costs, max_drop=max_drop,
+                                 confidence_level=drop_confidence, confidence=model.confidence)
+        else:
+            cal = calibrate(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
+                            confidence=model.confidence, mode=calibration, budget_confidence=budget_confidence)
         model.set_thresholds(cal.thresholds)
         ev = evaluate_thresholds(test_logits, test_y, cal.thresholds, costs, model.confidence)
 
-        curve, modes = [], None
+        curve, modes, stats = [], None, None
         if len(model.exits) > 1:
+            stats = validation_path_stats(val_logits=val_logits, val_labels=val_y, costs=costs,
+                                          confidence=model.confidence).to_dict()
             points = sweep(val_logits=val_logits, val_labels=val_y, costs=costs, confidence=model.confidence,
-                           mode=calibration)
+                           mode=calibration, budget_confidence=budget_confidence)
             modes = compare_modes(val_logits=val_logits, val_labels=val_y, costs=costs, budget_fraction=budget,
                                   confidence=model.confidence)
             front = {id(p) for p in pareto_front(points)}
@@ -382,6 +416,7 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
         throughput=throughput,
         mode_comparison=modes,
         calibrated_on="val200, train800-only model" if calibration_model is not None else "val200",
+        path_stats=stats,
     )
 
 

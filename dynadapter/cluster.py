@@ -173,13 +173,15 @@ def _run_jobs(jobs: list[FitJob], refs: dict, storage_path: str, max_failures: i
     so the driver never holds it."""
     import ray
 
+    from dynadapter.adapt import final_schedule
+
     data_ref, backbone_ref = refs["data"], refs["backbone"]
     if not isinstance(data_ref, ray.ObjectRef):
         data_ref = ray.put(worker_data(data_ref))
     first = fit_on_ray(jobs[0], data_ref, backbone_ref, storage_path=storage_path, max_failures=max_failures)
     outcomes = [first]
     for job in jobs[1:]:
-        train = {**job.train, "epochs": first.best_epoch}
+        train = final_schedule(TrainConfig.model_validate(job.train), first.best_epoch).model_dump(mode="json")
         outcomes.append(fit_on_ray(replace(job, train=train), data_ref, backbone_ref, storage_path=storage_path,
                                    max_failures=max_failures))
     return outcomes

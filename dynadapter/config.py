@@ -328,12 +328,35 @@ class EvaluateConfig(Section):
         "path", description="Threshold calibration on val: path (one shared threshold, the largest the budget "
         "affords: accuracy follows the budget) or search (per-exit thresholds maximising val accuracy; scored "
         "against path on held-out val halves in per_task.json `mode_comparison`).")
+    target: Literal["budget", "accuracy_drop"] = Field(
+        "budget", description="What the thresholds promise. budget: mean MACs within base.budget (with "
+        "budget_confidence). accuracy_drop: the cheapest thresholds whose accuracy drop against the last exit "
+        "is at most max_drop with probability drop_confidence (base.budget then only labels the budget curve).")
+    budget_confidence: float | None = Field(
+        0.9, gt=0, lt=1, description="Probability that the expected MACs per image on new data from the same "
+        "distribution stay within the budget (an exact upper confidence bound from val200, fixed-sequence "
+        "testing along the path: dynadapter/inference/guarantee.py). null: the val mean fills the budget, as "
+        "before (over it on test about half the time). 0.9: chosen on held-out val halves (BENCHMARKS.md §7). "
+        "Needs calibration: path.")
+    max_drop: float = Field(
+        0.02, ge=0, lt=1, description="target accuracy_drop: the largest accuracy drop against the last exit "
+        "allowed (0.02 = 2 points). With 200 val images nothing below about 0.012 can be certified at 0.9 "
+        "(0 errors in 200 still leave 1.1 %); smaller values get full depth.")
+    drop_confidence: float = Field(
+        0.9, gt=0, lt=1, description="target accuracy_drop: probability with which the drop is certified.")
     transfer_probe: bool = Field(
         True, description="Report how the backbone transfers (metrics.json `transfer`): linear probes on its "
         "frozen features vs a random-init backbone and raw pixels, train -> val.")
     throughput_batch: int = Field(
         256, ge=0, description="Test images timed for compacted dynamic vs full-depth CPU throughput; 0 = skip.")
     throughput_repeats: int = Field(5, ge=1, description="Timed repeats (the median is reported).")
+
+    @model_validator(mode="after")
+    def _certified_path(self) -> EvaluateConfig:
+        if self.budget_confidence is not None and self.calibration != "path":
+            raise ValueError("budget_confidence certifies the path calibration only; set calibration: path, or "
+                             "budget_confidence: null for search")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------- tune

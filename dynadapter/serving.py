@@ -20,6 +20,7 @@ from mlflow.pyfunc import PythonModel
 from dynadapter.config import BackboneConfig, ModelConfig
 from dynadapter.inference.calibrate import ALWAYS  # every confidence reaches it: the image leaves there
 from dynadapter.inference.flops import StageCosts
+from dynadapter.inference.guarantee import PathStats
 from dynadapter.models import DynAdapterViT, build_model, confidence_score, merge_petl, normalization
 from dynadapter.models.petl import PetlModule
 
@@ -28,8 +29,10 @@ WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 COSTS_FILE = "stage_costs.json"
 CURVE_FILE = "threshold_curve.json"
+PATH_FILE = "path_stats.json"  # val counts along the fixed threshold grid: per-request certified thresholds
 ARTIFACT_KEY = "dynadapter_model"  # the pyfunc artifact holding the bundle directory
 PIXEL_TOLERANCE = 1e-3  # float rounding of [0, 1] pixels, not a licence to send normalised images
+CERTIFY_PARAMS = ("budget_confidence", "max_drop", "drop_confidence")  # pyfunc params -> DynamicPredictor.certify
 PREDICT_BATCH = 256  # bounds peak memory for large requests; results do not depend on it
 
 
@@ -82,6 +85,8 @@ def save_bundle(
     curve: Iterable[Any],
     budget: float,
     task: str | None = None,
+    path_stats: Mapping[str, Any] | None = None,
+    certificate: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write everything that rebuilds and serves `model`, with no reference to files outside the bundle.
 
@@ -110,10 +115,13 @@ def save_bundle(
         "std": list(std),
         "default_budget": float(budget),
         "default_thresholds": [float(t) for t in model.thresholds.tolist()],
+        "certificate": dict(certificate) if certificate else None,  # what the default thresholds promise
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     (out / COSTS_FILE).write_text(json.dumps(costs.to_dict(), indent=2))
     (out / CURVE_FILE).write_text(json.dumps(val_curve(curve), indent=2))
+    if path_stats is not None:
+        (out / PATH_FILE).write_text(json.dumps(path_stats))
     return out
 
 
@@ -140,7 +148,8 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None) -> D
     model.to(device).eval()
     costs = StageCosts.from_dict(json.loads((path / COSTS_FILE).read_text()))
     curve = json.loads((path / CURVE_FILE).read_text())
-    return DynamicPredictor(model, config, costs, curve)
+    stats = PathStats.from_dict(json.loads((path / PATH_FILE).read_text())) if (path / PATH_FILE).is_file() else None
+    return DynamicPredictor(model, config, costs, curve, stats)
 
 
 # ------------------------------------------------------------------------------------------ prediction
@@ -150,8 +159,9 @@ class DynamicPredictor:
     """Validated inputs in, per-image prediction / exit / confidence / MACs out (plain NumPy)."""
 
     def __init__(self, model: DynAdapterViT, config: Mapping[str, Any], costs: StageCosts,
-                 curve: Sequence[Mapping[str, Any]]):
+                 curve: Sequence[Mapping[str, Any]], path_stats: PathStats | None = None):
         self.model = model
+        self.path_stats = path_stats
         self.config = dict(config)
         self.costs = costs
         self.curve = sorted((dict(p) for p in curve), key=lambda p: p["budget"])
@@ -205,8 +215,7 @@ class DynamicPredictor:
         (thresholds 0), which costs exactly `cheapest_fraction` on any input, with a warning; a budget below
         `cheapest_fraction` cannot be met and is refused.
         """
-        if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
-            raise ValueError(f"budget must be a finite fraction of full-depth MACs > 0, got {budget!r}")
+        budget = self._checked_budget(budget)
         if self.num_exits == 1:
             return list(self.config["default_thresholds"])
         feasible = [p for p in self.curve if p["budget"] <= budget + 1e-6]  # a float32 0.45 is still 0.45
@@ -221,10 +230,50 @@ class DynamicPredictor:
                       f"leaves at the first exit ({floor:.3f} of full-depth MACs on any input)", stacklevel=2)
         return [ALWAYS] * self.num_exits
 
-    def resolve_thresholds(self, budget: float | None = None, thresholds: Sequence[float] | None = None) -> list[float]:
-        """Explicit thresholds win; else the budget's val-calibrated ones; else the defaults saved with the model."""
+    @property
+    def certificate(self) -> dict[str, Any] | None:
+        """What the default thresholds promise on new data (target, confidence_level, certified bound)."""
+        return self.config.get("certificate")
+
+    def certify(self, budget: float | None = None, budget_confidence: float | None = None,
+                max_drop: float | None = None, drop_confidence: float | None = None) -> dict[str, Any]:
+        """Thresholds certified from the stored val counts (dynadapter.inference.guarantee), exactly as the
+        evaluate stage certifies them: `budget` at `budget_confidence`, or the cheapest within `max_drop` at
+        `drop_confidence` (default 0.9). Returns the thresholds with what they promise."""
+        if self.path_stats is None:
+            raise ValueError("this model stores no validation counts (logged before certified calibration); "
+                             "pass budget or thresholds only")
+        if max_drop is not None:
+            if budget is not None or budget_confidence is not None:
+                raise ValueError("pass either max_drop (with drop_confidence) or budget (with budget_confidence)")
+            level = 0.9 if drop_confidence is None else float(drop_confidence)
+            k, bound = self.path_stats.for_drop(float(max_drop), level)
+            return {"thresholds": self.path_stats.thresholds[k].tolist(), "target": "accuracy_drop",
+                    "max_drop": float(max_drop), "confidence_level": level, "bound": bound}
+        if budget is None:
+            raise ValueError("budget_confidence needs a budget")
+        budget = self._checked_budget(budget)
+        k, bound = self.path_stats.for_budget(budget, float(budget_confidence))
+        if k is None:
+            raise ValueError(f"budget {budget} cannot be certified at confidence {budget_confidence}: even every "
+                             f"image leaving at the first exit is bounded at {bound:.3f} of full-depth MACs")
+        return {"thresholds": self.path_stats.thresholds[k].tolist(), "target": "budget",
+                "budget_fraction": budget, "confidence_level": float(budget_confidence), "bound": bound}
+
+    @staticmethod
+    def _checked_budget(budget: Any) -> float:
+        if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+            raise ValueError(f"budget must be a finite fraction of full-depth MACs > 0, got {budget!r}")
+        return float(budget)
+
+    def resolve_thresholds(self, budget: float | None = None, thresholds: Sequence[float] | None = None,
+                           budget_confidence: float | None = None, max_drop: float | None = None,
+                           drop_confidence: float | None = None) -> list[float]:
+        """Explicit thresholds win; else certified ones (`budget_confidence` or `max_drop` given, see `certify`);
+        else the budget's val-calibrated ones (calibrated as the evaluate stage was configured); else the
+        defaults saved with the model."""
         if thresholds is not None and len(thresholds) > 0:
-            if budget is not None:
+            if any(v is not None for v in (budget, budget_confidence, max_drop)):
                 raise ValueError("pass either budget or thresholds, not both")
             th = [float(t) for t in thresholds]
             if len(th) != self.num_exits:
@@ -232,15 +281,18 @@ class DynamicPredictor:
             if not all(math.isfinite(t) for t in th):
                 raise ValueError(f"thresholds must be finite, got {th}")
             return th
+        if budget_confidence is not None or max_drop is not None:
+            return [float(t) for t in self.certify(budget, budget_confidence, max_drop, drop_confidence)["thresholds"]]
         if budget is not None:
             return self.thresholds_for_budget(float(budget))
         return list(self.config["default_thresholds"])
 
     @torch.no_grad()
-    def predict(self, images: Any, budget: float | None = None,
-                thresholds: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    def predict(self, images: Any, budget: float | None = None, thresholds: Sequence[float] | None = None,
+                **certified: float | None) -> dict[str, np.ndarray]:
+        """`certified`: budget_confidence, max_drop, drop_confidence (see `resolve_thresholds`)."""
         x = self.check_images(images)
-        th = torch.tensor(self.resolve_thresholds(budget, thresholds), dtype=torch.float32)
+        th = torch.tensor(self.resolve_thresholds(budget, thresholds, **certified), dtype=torch.float32)
         cum = torch.tensor(self.costs.cumulative(th), dtype=torch.int64)  # skipped heads cost nothing
         device = next(self.model.parameters()).device
         outs: dict[str, list[torch.Tensor]] = {"prediction": [], "exit_index": [], "confidence": [], "macs": []}
@@ -257,7 +309,8 @@ class DynamicPredictor:
 
 
 class DynAdapterPyfunc(PythonModel):
-    """MLflow pyfunc: `predict(images, params={"budget": 0.4})` or `params={"thresholds": [...]}`."""
+    """MLflow pyfunc: `predict(images, params={"budget": 0.4})`, `{"budget": 0.4, "budget_confidence": 0.95}`,
+    `{"max_drop": 0.02}` or `{"thresholds": [...]}`."""
 
     def load_context(self, context) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -268,7 +321,8 @@ class DynAdapterPyfunc(PythonModel):
         params = params or {}
         try:
             return self.predictor.predict(model_input, budget=params.get("budget"),
-                                          thresholds=params.get("thresholds"))
+                                          thresholds=params.get("thresholds"),
+                                          **{k: params.get(k) for k in CERTIFY_PARAMS})
         except ValueError as err:
             # MLflow's own exception keeps the reason: the scoring server answers 400 with it in `message`
             # (any other exception becomes "Encountered an unexpected error", the reason buried in a trace)

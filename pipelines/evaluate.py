@@ -14,7 +14,9 @@ from pipelines.common import (load_stage_params, save_stage_config, stage_parser
 DESCRIPTION = """Evaluate the trained models of every task in base.tasks at the FLOPs budget base.budget.
 
 For the Dyn-Adapter model: merge PETL into the frozen weights, calibrate per-exit thresholds on val200 for the
-budget (a fraction of full-depth MACs; under train.protocol=standard the model trained on val200 too, so the
+budget (a fraction of full-depth MACs, certified on new data with probability evaluate.budget_confidence; or,
+with evaluate.target=accuracy_drop, the cheapest thresholds whose accuracy drop against the last exit is at
+most evaluate.max_drop with probability evaluate.drop_confidence; under train.protocol=standard the model trained on val200 too, so the
 thresholds are calibrated on val200 with the train800-only model saved beside it and transferred), then apply
 them once to test: accuracy, mean MACs actually executed,
 exit histogram; the val-calibrated threshold sweep evaluated on test (accuracy vs budget) and its Pareto
@@ -138,19 +140,32 @@ def log_model(run, model, params, ev, task: str, exits: list[int]) -> dict:
     from dynadapter.tracking import log_dynamic_model
 
     base = params.base
+    cal = ev.calibration
     info = log_dynamic_model(run, model, backbone_cfg=base.backbone, model_cfg=base.model,
                              costs=StageCosts.from_dict(ev.stage_macs), curve=ev.curve, budget=base.budget,
-                             task=task)
-    cal = ev.calibration
+                             task=task, path_stats=ev.path_stats, certificate=certificate(cal))
     weights = Path(base.backbone.checkpoint).name if base.backbone.checkpoint else "embedded pretraining"
     card = {"task": task, "backbone": f"{base.backbone.name} ({weights})",
             "petl": base.model.petl.method, "exits": list(exits), "budget": base.budget,
             "val_accuracy": cal["val_accuracy"], "val_fraction": cal["fraction"],
             "test_accuracy": ev.test["accuracy"], "test_fraction": ev.test["fraction"],
+            "certified": certificate(cal),
             "full_depth_mmacs": ev.full_depth_macs / 1e6, "curve": list(task_curve(ev.curve, CARD_BUDGETS).values())}
     return {"run_id": run.run_id, "model_uri": info.model_uri, "tracking_uri": run.tracking_uri,
             "val_accuracy": cal["val_accuracy"], "val_macs": cal["val_macs"],
             "test_accuracy": ev.test["accuracy"], "test_macs": ev.test["macs"], "budget": base.budget, "card": card}
+
+
+def guarantee_kwargs(ev_cfg) -> dict:
+    """evaluate_task's say on what the thresholds promise (evaluate.target and its confidence settings)."""
+    return {"target": ev_cfg.target, "budget_confidence": ev_cfg.budget_confidence, "max_drop": ev_cfg.max_drop,
+            "drop_confidence": ev_cfg.drop_confidence}
+
+
+def certificate(cal: dict) -> dict:
+    """What the chosen thresholds promise on new data, from a Calibration dict: the model card's and the served
+    model's account of it."""
+    return {k: cal.get(k) for k in ("target", "budget_fraction", "confidence_level", "bound", "max_drop")}
 
 
 def evaluations(params, checkpoint) -> Iterator[tuple]:
@@ -180,7 +195,8 @@ def evaluations(params, checkpoint) -> Iterator[tuple]:
             selection = load_trained(saved / SELECTION_DIR, checkpoint)[0] if (saved / SELECTION_DIR).is_dir() else None
             kwargs = dict(budget=base.budget, repeats=ev_cfg.throughput_repeats,
                           throughput_batch=ev_cfg.throughput_batch if variant == "dyn" else 0,
-                          calibration=ev_cfg.calibration, calibration_model=selection)
+                          calibration=ev_cfg.calibration, calibration_model=selection,
+                          **guarantee_kwargs(ev_cfg))
             yield variant, model, trained, kwargs
 
     if not on_cluster:
@@ -238,7 +254,8 @@ def run(params, parent=None) -> tuple[dict, dict, dict]:
                     log_budget_curve(mlrun, list(task_curve(ev.curve).values()))
                     models[task] = log_model(mlrun, model, params, ev, task, trained.exits)
         per_task.setdefault(task, {})[variant] = {"exits": trained.exits, "params": trained.params,
-                                                  "step_seconds": trained.step_seconds, **ev.__dict__}
+                                                  "step_seconds": trained.step_seconds,
+                                                  **{k: v for k, v in ev.__dict__.items() if k != "path_stats"}}
         print(f"evaluate {task}/{variant}: test acc {ev.test['accuracy']:.4f} at "
               f"{ev.test['fraction']:.3f} of full-depth MACs")
     n = len(per_task)
@@ -246,6 +263,10 @@ def run(params, parent=None) -> tuple[dict, dict, dict]:
     speedups = [r["dyn"]["throughput"]["speedup"] for r in per_task.values() if r["dyn"]["throughput"]]
     metrics = {
         "budget": base.budget,
+        # what the thresholds promise (evaluate.target); bound: the suite mean of the per-task certified bounds
+        "certified": {**certificate(per_task[base.tasks[0]]["dyn"]["calibration"]),
+                      "bound": (mean(lambda r: r["dyn"]["calibration"]["bound"]) if all(
+                          r["dyn"]["calibration"].get("bound") is not None for r in per_task.values()) else None)},
         "dyn_test_accuracy": mean(lambda r: r["dyn"]["test"]["accuracy"]),
         "dyn_test_macs_fraction": mean(lambda r: r["dyn"]["test"]["fraction"]),
         "dyn_val_accuracy": mean(lambda r: r["dyn"]["calibration"]["val_accuracy"]),

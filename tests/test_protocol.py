@@ -53,6 +53,25 @@ def test_retrain_runs_the_selected_epoch_count_on_train800val200():
     assert all("val_acc" not in h for h in final.history)  # nothing was selected on val
 
 
+def test_final_schedule_keeps_the_warm_up_share_so_a_short_run_is_not_all_warm_up():
+    """ViT-B/16 preset: warm-up 10 of 100 epochs; a selected epoch 8 made the whole final run warm-up (the lr
+    still rising at its last step). The warm-up now keeps its share of the run: 0.8 of 8 epochs."""
+    from dynadapter.adapt import final_schedule
+    from dynadapter.train import warmup_cosine, warmup_steps_for
+
+    cfg = TrainConfig(epochs=100, warmup_epochs=10.0, batch_size=8)
+    final = final_schedule(cfg, 8)
+    assert final.epochs == 8 and final.warmup_epochs == pytest.approx(0.8)
+    steps_per_epoch = 100
+    warmup = warmup_steps_for(final, steps_per_epoch)
+    total = final.epochs * steps_per_epoch
+    lrs = [warmup_cosine(s, warmup, total) for s in range(total)]
+    assert warmup == 80 and max(lrs) == pytest.approx(lrs[warmup]) and lrs[-1] < 0.01  # warm-up, then annealed
+    unscaled = cfg.model_copy(update={"epochs": 8})  # what the final run used to get
+    assert warmup_steps_for(unscaled, steps_per_epoch) == total  # all warm-up: the edge case this fixes
+    assert final_schedule(TrainConfig(epochs=20, warmup_epochs=1.0), 20).warmup_epochs == 1.0  # full length: as before
+
+
 def test_standard_thresholds_come_from_the_train800_model_on_val():
     data = random_task(seed=1)
     model_cfg = ModelConfig()
@@ -116,7 +135,8 @@ def test_train_and_evaluate_stages_follow_the_protocol(tmp_path, protocol):
         sel_model = load_trained(saved / "dyn" / SELECTION_DIR, tmp_path / "vit.safetensors")[0]
         from dynadapter.adapt import load_task_for
 
-        alone = evaluate_task(sel_model, load_task_for(params.base, "toy"), budget=params.base.budget)
+        alone = evaluate_task(sel_model, load_task_for(params.base, "toy"), budget=params.base.budget,
+                              **evaluate_stage.guarantee_kwargs(params.evaluate))
         assert per_task["toy"]["dyn"]["calibration"]["thresholds"] == alone.calibration["thresholds"]
 
 

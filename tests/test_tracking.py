@@ -34,6 +34,7 @@ from dynadapter.tracking import (  # noqa: E402
     check_tracking_server,
     find_task_runs,
     log_dynamic_model,
+    model_card,
     log_params,
     log_task_result,
     model_uri_of,
@@ -207,7 +208,8 @@ def registered(tracking_uri, client, evaluated):
             task_run(parent, "count", stage="evaluate") as run:
         info = log_dynamic_model(run, evaluated["model"], backbone_cfg=evaluated["bcfg"],
                                  model_cfg=evaluated["mcfg"], costs=evaluated["costs"], curve=ev.curve, budget=0.5,
-                                 task="count")
+                                 task="count", path_stats=ev.path_stats,
+                                 certificate={"target": "budget", "confidence_level": None, "bound": None})
     decision = promote(client, "tiny-count", model_uri_of(run), run_id=run.run_id,
                        val_accuracy=ev.calibration["val_accuracy"], val_macs=ev.calibration["val_macs"],
                        test_accuracy=ev.test["accuracy"], test_macs=ev.test["macs"], budget=0.5)
@@ -222,7 +224,8 @@ def test_registered_model_round_trip(registered, evaluated):
     loaded = mlflow.pyfunc.load_model(f"models:/tiny-count@{CHAMPION}")
     sig = loaded.metadata.signature
     assert tuple(sig.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, 16, 16)
-    assert {p.name for p in sig.params.params} == {"budget", "thresholds"}
+    assert {p.name for p in sig.params.params} == {"budget", "thresholds", "budget_confidence", "max_drop",
+                                                    "drop_confidence"}
     predictor = loaded.unwrap_python_model().predictor
 
     x = pixels(48, seed=5)
@@ -254,6 +257,36 @@ def test_registered_model_round_trip(registered, evaluated):
     same_as_original(out, th)
     assert len(set(out["exit_index"].tolist())) >= 3
     assert out["confidence"].dtype == np.float32 and ((out["confidence"] > 0) & (out["confidence"] <= 1)).all()
+
+
+def test_served_model_certifies_per_request_as_evaluate_does(registered, evaluated):
+    """budget_confidence / max_drop per request: the thresholds `calibrate` / `calibrate_drop` choose from the
+    same val logits, recomputed from the counts stored in the model; the logged certificate is in the MLmodel."""
+    from dynadapter.inference import calibrate_drop
+
+    model, data, costs = evaluated["model"], evaluated["data"], evaluated["costs"]
+    loaded = mlflow.pyfunc.load_model(f"models:/tiny-count@{CHAMPION}")
+    assert loaded.metadata.metadata["dynadapter_certificate"]["target"] == "budget"
+    predictor = loaded.unwrap_python_model().predictor
+    val_logits = collect_exit_logits(model, data.val[0])
+    x = pixels(32, seed=9)
+    for budget, level in ((0.6, 0.9), (0.8, 0.95), (1.0, 0.9)):
+        expected = calibrate(val_logits=val_logits, val_labels=data.val[1], costs=costs, budget_fraction=budget,
+                             budget_confidence=level)
+        assert predictor.resolve_thresholds(budget=budget, budget_confidence=level) == pytest.approx(
+            expected.thresholds, abs=0)
+        assert predictor.certify(budget=budget, budget_confidence=level)["bound"] == pytest.approx(expected.bound)
+        out = loaded.predict(x, params={"budget": budget, "budget_confidence": level})
+        ref = model.forward_dynamic(normalised(x, model), expected.thresholds)
+        assert np.array_equal(out["exit_index"], ref.exit_index.numpy())
+    expected = calibrate_drop(val_logits=val_logits, val_labels=data.val[1], costs=costs, max_drop=0.3,
+                              confidence_level=0.8)
+    assert predictor.resolve_thresholds(max_drop=0.3, drop_confidence=0.8) == pytest.approx(expected.thresholds, abs=0)
+    loaded.predict(x, params={"max_drop": 0.3, "drop_confidence": 0.8})
+    with pytest.raises(MlflowException, match="cannot be certified at confidence 0.9"):
+        loaded.predict(x, params={"budget": 0.05, "budget_confidence": 0.9})
+    with pytest.raises(MlflowException, match="either max_drop"):
+        loaded.predict(x, params={"budget": 0.5, "max_drop": 0.01})
 
 
 @pytest.mark.parametrize("bad,params,match", [
@@ -434,8 +467,17 @@ def test_a_champion_chosen_on_test_by_an_earlier_release_is_replaced(client, exp
 CARD = {"task": "count", "backbone": "vit_tiny_patch16_224", "petl": "adapter", "exits": [3, 6, 9, 12],
         "budget": 0.5, "val_accuracy": 0.8125, "test_accuracy": 0.775, "val_fraction": 0.48, "test_fraction": 0.49,
         "full_depth_mmacs": 3.2,
+        "certified": {"target": "budget", "budget_fraction": 0.5, "confidence_level": 0.9, "bound": 0.4987,
+                      "max_drop": None},
         "curve": [{"budget": 0.3, "val_accuracy": 0.7, "test_accuracy": 0.66, "test_fraction": 0.29},
                   {"budget": 1.0, "val_accuracy": 0.9, "test_accuracy": 0.85, "test_fraction": 1.0}]}
+
+
+def test_model_card_states_the_accuracy_drop_certificate():
+    card = {**CARD, "certified": {"target": "accuracy_drop", "max_drop": 0.02, "confidence_level": 0.9,
+                                  "bound": 0.0183}}
+    assert "at most 0.02, certified at confidence 0.9 (bound 0.0183)" in model_card(card)
+    assert "nothing certified" in model_card({**CARD, "certified": {"target": "budget", "confidence_level": None}})
 
 
 def test_registered_version_and_model_carry_the_model_card(client, exp_id):
@@ -445,6 +487,7 @@ def test_registered_version_and_model_carry_the_model_card(client, exp_id):
                        test_macs=10.0, budget=0.5, card=CARD)
     text = client.get_model_version(name, decision.version).description
     for expected in ("`count`", "vit_tiny_patch16_224", "`adapter`", "3, 6, 9, 12", "81.2%", "77.5%", "0.490",
-                     "| 0.3 | 70.0% | 66.0% | 0.290 |", "| 1 | 90.0% | 85.0% | 1.000 |", decision.reason):
+                     "| 0.3 | 70.0% | 66.0% | 0.290 |", "| 1 | 90.0% | 85.0% | 1.000 |", decision.reason,
+                     "at most 0.499 of full depth (within the budget) with probability 0.9"):
         assert expected in text, expected
     assert "vit_tiny_patch16_224" in client.get_registered_model(name).description  # the registry page says it

@@ -8,12 +8,15 @@ from dynadapter.inference.calibrate import (
     Evaluation,
     Simulation,
     calibrate,
+    calibrate_drop,
     collect_exit_logits,
     compare_modes,
     evaluate_thresholds,
     simulate,
     sweep,
+    validation_path_stats,
 )
+from dynadapter.inference.guarantee import PathStats
 from dynadapter.inference.flops import (
     StageCosts,
     count_macs,
@@ -36,6 +39,9 @@ __all__ = [
     "MODES",
     "NEVER",
     "Calibration",
+    "PathStats",
+    "calibrate_drop",
+    "validation_path_stats",
     "compare_modes",
     "CurvePoint",
     "Evaluation",

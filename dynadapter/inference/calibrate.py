@@ -18,7 +18,7 @@ Two modes:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -28,10 +28,11 @@ from torch import nn
 from dynadapter.devices import module_device
 from dynadapter.inference.flops import StageCosts
 from dynadapter.models import confidence_score
+from dynadapter.inference.guarantee import ALWAYS, NEVER, PathStats, path_stats
 from dynadapter.models.dyn_vit import MAX_CONFIDENCE
 
-NEVER = 2.0  # a threshold above any confidence in [0, 1]: nobody leaves at that exit, and its head is skipped
-ALWAYS = 0.0  # everybody leaves; also stored for the last exit, whose threshold is never read
+# NEVER: a threshold above any confidence in [0, 1]: nobody leaves at that exit, and its head is skipped;
+# ALWAYS: everybody leaves; also stored for the last exit, whose threshold is never read
 MODES = ("path", "search")
 
 
@@ -191,8 +192,12 @@ class Calibration:
     val_accuracy: float
     val_macs: float
     fraction: float  # val_macs / full_depth_baseline
-    budget_fraction: float
+    budget_fraction: float | None  # None under target accuracy_drop
     feasible: bool  # False: no setting meets the budget; thresholds are then the cheapest setting
+    target: str = "budget"  # budget | accuracy_drop (dynadapter.inference.guarantee)
+    confidence_level: float | None = None  # None: the val mean meets the budget, nothing certified
+    bound: float | None = None  # certified at confidence_level: MACs fraction (budget) or accuracy drop
+    max_drop: float | None = None  # the accuracy_drop target's eps
 
 
 @dataclass(frozen=True)
@@ -368,8 +373,13 @@ def calibrate(
     mode: str = "path",
     num_candidates: int = 64,
     passes: int = 4,
+    budget_confidence: float | None = None,
 ) -> Calibration:
     """Thresholds for mean MACs <= budget x full-depth MACs, chosen on VALIDATION data.
+
+    budget_confidence (path mode only): instead of the val mean, the expected MACs on new data from the same
+    distribution stay within the budget with at least this probability (dynadapter.inference.guarantee); the
+    certified bound is returned in `bound`. None: the val mean (below).
 
     Validation data only: `val_logits` [S, N, C] and `val_labels` [N] must come from the validation split,
     never from test (keyword-only, so every call site names the split it passes). Report test results with
@@ -387,7 +397,69 @@ def calibrate(
     """
     p = _prepare(val_logits, val_labels, costs, confidence)
     base = costs.full_depth_baseline()
+    if budget_confidence is not None and p.num_exits > 1:
+        return _certify_budget(_check_path(p, base, mode), budget_fraction, budget_confidence)
+    if budget_confidence is not None:  # one exit: its cost is the same for every image, known without data
+        cal = _calibrate(p, base, budget_fraction, _mode_candidates(p, base, mode, num_candidates, passes), mode)
+        return replace(cal, confidence_level=float(budget_confidence), bound=cal.fraction)
     return _calibrate(p, base, budget_fraction, _mode_candidates(p, base, mode, num_candidates, passes), mode)
+
+
+def _check_path(p: _Prepared, base: int, mode: str) -> PathStats:
+    if mode != "path":
+        raise ValueError("budget_confidence certifies the path calibration (a fixed, ordered set of candidates); "
+                         f"calibration mode {mode!r} searches per-exit thresholds, which it cannot certify")
+    return _path_stats(p, base)
+
+
+def _path_stats(p: _Prepared, base: int) -> PathStats:
+    return path_stats(p.conf, p.correct, p.cost_table, base)
+
+
+def _from_stats(stats: PathStats, k: int, **fields) -> Calibration:
+    macs = float(stats.val_macs[k])
+    return Calibration(thresholds=[float(t) for t in stats.thresholds[k]], val_accuracy=float(stats.val_accuracy[k]),
+                       val_macs=macs, fraction=macs / stats.base, **fields)
+
+
+def _certify_budget(stats: PathStats, budget_fraction: float, level: float) -> Calibration:
+    if not budget_fraction > 0:
+        raise ValueError(f"budget_fraction must be > 0, got {budget_fraction}")
+    k, bound = stats.for_budget(budget_fraction, level)
+    fields = dict(budget_fraction=float(budget_fraction), confidence_level=float(level), bound=bound)
+    if k is None:  # not even "everybody at exit 0" fits: the cheapest setting, flagged
+        return _from_stats(stats, 0, feasible=False, **fields)
+    return _from_stats(stats, k, feasible=True, **fields)
+
+
+def validation_path_stats(*, val_logits: torch.Tensor, val_labels: torch.Tensor, costs: StageCosts,
+                          confidence: str = "max_softmax") -> PathStats:
+    """The validation counts along the fixed threshold grid (`guarantee.PathStats`), from which a budget or an
+    accuracy drop is certified at any confidence without the logits (what the served model stores)."""
+    return _path_stats(_prepare(val_logits, val_labels, costs, confidence), costs.full_depth_baseline())
+
+
+def calibrate_drop(
+    *,
+    val_logits: torch.Tensor,
+    val_labels: torch.Tensor,
+    costs: StageCosts,
+    max_drop: float,
+    confidence_level: float = 0.9,
+    confidence: str = "max_softmax",
+) -> Calibration:
+    """The cheapest shared threshold whose expected accuracy drop against the last exit is at most `max_drop`
+    with probability >= `confidence_level` (dynadapter.inference.guarantee), chosen on VALIDATION data only.
+    Always feasible: full depth has drop 0."""
+    p = _prepare(val_logits, val_labels, costs, confidence)
+    if p.num_exits == 1:  # the last exit is the only one: no drop
+        cal = _calibrate(p, costs.full_depth_baseline(), 1.0, np.full((1, 1), ALWAYS, dtype=np.float32))
+        return replace(cal, budget_fraction=None, target="accuracy_drop", confidence_level=float(confidence_level),
+                       bound=0.0, max_drop=float(max_drop))
+    stats = _path_stats(p, costs.full_depth_baseline())
+    k, bound = stats.for_drop(max_drop, confidence_level)
+    return _from_stats(stats, k, budget_fraction=None, feasible=True, target="accuracy_drop",
+                       confidence_level=float(confidence_level), bound=bound, max_drop=float(max_drop))
 
 
 def _calibrate(p: _Prepared, base: int, budget_fraction: float, candidates: np.ndarray,
@@ -420,6 +492,7 @@ def sweep(
     mode: str = "path",
     num_candidates: int = 64,
     passes: int = 4,
+    budget_confidence: float | None = None,
 ) -> list[CurvePoint]:
     """The validation accuracy-MACs curve: `calibrate` (in `mode`) at each budget plus a shared-threshold sweep.
 
@@ -430,10 +503,14 @@ def sweep(
     budgets = [round(0.05 * i, 4) for i in range(1, 21)] if budgets is None else list(budgets)
     p = _prepare(val_logits, val_labels, costs, confidence)
     base = costs.full_depth_baseline()
-    candidates = _mode_candidates(p, base, mode, num_candidates, passes)
+    if budget_confidence is not None and p.num_exits > 1:
+        stats = _check_path(p, base, mode)
+        calibrated = [_certify_budget(stats, float(b), budget_confidence) for b in budgets]
+    else:
+        candidates = _mode_candidates(p, base, mode, num_candidates, passes)
+        calibrated = [_calibrate(p, base, float(b), candidates, mode) for b in budgets]
     points: list[CurvePoint] = []
-    for b in budgets:
-        cal = _calibrate(p, base, float(b), candidates, mode)
+    for b, cal in zip(budgets, calibrated):
         if cal.feasible:
             points.append(CurvePoint(cal.thresholds, cal.val_accuracy, cal.val_macs, cal.fraction, float(b)))
     if p.num_exits > 1 and shared_points > 0:

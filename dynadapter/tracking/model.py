@@ -29,8 +29,9 @@ def _pip_requirements() -> list[str]:
 
 def dynamic_model_signature(input_shape: Sequence[int]):
     """Input: float32 images [-1, C, H, W] in [0, 1]; output: prediction, exit_index, confidence, macs per
-    image; params: `budget` (a MACs fraction, picks val-calibrated thresholds) or `thresholds` (one per exit;
-    empty = not given)."""
+    image; params: `budget` (a MACs fraction, picks val-calibrated thresholds; `budget_confidence` certifies it
+    at that probability), `max_drop` (+ `drop_confidence`: the cheapest thresholds whose accuracy drop against
+    the last exit is certified within it) or `thresholds` (one per exit; empty = not given)."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
@@ -45,6 +46,9 @@ def dynamic_model_signature(input_shape: Sequence[int]):
     params = ParamSchema([
         ParamSpec("budget", "float", None),  # None: the thresholds calibrated at the model's own budget
         ParamSpec("thresholds", "float", [], shape=(-1,)),
+        ParamSpec("budget_confidence", "float", None),  # certify `budget` at this probability (0, 1)
+        ParamSpec("max_drop", "float", None),  # cheapest thresholds with accuracy drop <= max_drop vs the last exit
+        ParamSpec("drop_confidence", "float", None),  # ... certified at this probability (default 0.9)
     ])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
@@ -63,6 +67,8 @@ def log_dynamic_model(
     task: str | None = None,
     input_example: Any = None,
     ship_code: bool = True,
+    path_stats: dict | None = None,
+    certificate: dict | None = None,
 ):
     """Log `model` (merged, with its val-calibrated thresholds set, as `evaluate_task` leaves it) as an
     MLflow pyfunc of `dynadapter.serving.DynAdapterPyfunc` under `run`. Returns MLflow's `ModelInfo`; its
@@ -72,6 +78,9 @@ def log_dynamic_model(
     val figures are stored. `input_example`: the serving payload example (default: one grey image); MLflow
     checks that the logged model predicts on it. `ship_code`: copy the `dynadapter` package into the model,
     so that a serving environment (`mlflow models serve`) needs only the pinned pip requirements.
+    `path_stats` (Evaluated.path_stats): lets the served model certify a budget or an accuracy drop per request.
+    `certificate`: what the default thresholds promise (target, confidence, certified bound); also in the MLmodel
+    metadata (`dynadapter_certificate`).
     """
     import mlflow
     import numpy as np
@@ -82,7 +91,8 @@ def log_dynamic_model(
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = save_bundle(model, Path(tmp) / ARTIFACT_KEY, backbone_cfg=backbone_cfg, model_cfg=model_cfg,
-                             costs=costs, curve=curve, budget=budget, task=task)
+                             costs=costs, curve=curve, budget=budget, task=task, path_stats=path_stats,
+                             certificate=certificate)
         config = json.loads((bundle / "config.json").read_text())
         # created here, not by Model.log: it would file the model under the fluent API's active experiment
         logged = run.client.create_logged_model(run.experiment_id, name=name, source_run_id=run.run_id,
@@ -101,6 +111,7 @@ def log_dynamic_model(
                 pip_requirements=_pip_requirements(),
                 code_paths=[str(Path(dynadapter.__file__).parent)] if ship_code else None,
                 model_id=logged.model_id,
+                metadata={"dynadapter_certificate": certificate} if certificate else None,
             )
     run.client.set_tag(run.run_id, TAG_MODEL_URI, info.model_uri)
     return info

@@ -98,7 +98,7 @@ def model_card(card: Mapping[str, Any]) -> str:
     for, and the val-calibrated budget curve (thresholds chosen on val at each budget, measured on test).
 
     `card`: task, backbone, petl, exits, budget, val_accuracy, test_accuracy, val_fraction, test_fraction,
-    full_depth_mmacs, curve (rows of budget, val_accuracy, test_accuracy, test_fraction); missing keys are
+    full_depth_mmacs, certified (what the thresholds promise: target, confidence_level, bound, max_drop), curve (rows of budget, val_accuracy, test_accuracy, test_fraction); missing keys are
     left out."""
     lines = [f"**Dyn-Adapter model for task `{card.get('task', '?')}`**: a frozen `{card.get('backbone', '?')}` "
              f"with `{card.get('petl', '?')}` PETL modules and early exits"
@@ -111,6 +111,17 @@ def model_card(card: Mapping[str, Any]) -> str:
                   "", "| split | accuracy | MACs fraction |", "|---|---|---|",
                   f"| val (decides promotion) | {_pct(card.get('val_accuracy'))} | {card.get('val_fraction', 0):.3f} |",
                   f"| test (recorded) | {_pct(card.get('test_accuracy'))} | {card.get('test_fraction', 0):.3f} |"]
+    cert = card.get("certified") or {}
+    if cert.get("target") == "accuracy_drop":
+        lines += ["", f"Thresholds: the cheapest whose accuracy drop against the last exit is at most "
+                  f"{float(cert['max_drop']):g}, certified at confidence {float(cert['confidence_level']):g} "
+                  f"(bound {float(cert['bound']):.4f}); the budget above only labels the curve."]
+    elif cert.get("confidence_level") is not None and cert.get("bound") is not None:
+        lines += ["", f"Budget guarantee: the expected MACs per image on new data are at most "
+                  f"{float(cert['bound']):.3f} of full depth (within the budget) with probability "
+                  f"{float(cert['confidence_level']):g} (exact bound from val, `evaluate.budget_confidence`)."]
+    elif cert:
+        lines += ["", "Budget: met by the val mean only (`evaluate.budget_confidence: null`), nothing certified."]
     curve = card.get("curve") or []
     if curve:
         lines += ["", "Budget curve (thresholds calibrated on val at each budget; serve any of them with the "

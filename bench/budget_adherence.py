@@ -1,7 +1,8 @@
 """Benchmark (issue 23): does a budget hold on images calibration never saw, and what does a guarantee cost?
 
-For each suite task and seed, the Dyn-Adapter model is trained as the train stage trains it (params.yaml; seed 0
-under `select` is the model `make repro` saved, read from models/tasks), and its exit logits on val200 and test
+For each suite task and seed, the Dyn-Adapter model is trained as the train stage trains it (params.yaml with
+the tune stage's outputs/tune/best_params.yaml applied; seed 0 under `select` is the model `make repro` saved,
+read from models/tasks), and its exit logits on val200 and test
 are cached (bench/results/budget_adherence/cache/, gitignored). Under the `standard` protocol two more models are
 trained per task and seed: the reported one (train800val200, `final_schedule`) and the threshold donor
 (`retrain_for_calibration`: the same schedule on train800 only). Then, with no more training:
@@ -42,6 +43,7 @@ from dynadapter.inference import collect_exit_logits, measure_stage_costs
 from dynadapter.inference.calibrate import calibrate, calibrate_drop, evaluate_thresholds
 from dynadapter.inference.flops import StageCosts
 from dynadapter.train.pretrain import backbone_checkpoint
+from pipelines.train import best_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "budget_adherence.json"
@@ -246,6 +248,44 @@ def protocols(all_logits: dict, budget: float = 0.5) -> dict:
                                       for k, v in summary.items()}}
 
 
+def markdown(result: dict) -> str:
+    """BENCHMARKS.md §7's tables, from the result file alone (`--tables`)."""
+    out = ["| `evaluate.budget_confidence` | over the budget (all splits) | original split | worst excess | "
+           "test accuracy at 0.5 (all splits / original) | test MACs at 0.5 |", "|---|---|---|---|---|---|"]
+    for level, v in result["adherence"]["summary"].items():
+        out.append(f"| {'null' if level == 'None' else level} | {v['over']} of {v['points']} ({100 * v['over_rate']:.1f}"
+                   f" ± {100 * v['over_rate_se']:.1f} %) | {v['over_original_split']} | {v['max_excess']:+.3f} | "
+                   f"{v['test_accuracy_at_0.5']:.4f} / {v['test_accuracy_at_0.5_original_split']:.4f} | "
+                   f"{v['test_fraction_at_0.5']:.3f} |")
+    out += ["", "| confidence | held-out val: over the budget | held-out val accuracy at 0.5 |", "|---|---|---|"]
+    out += [f"| {'null' if k == 'None' else k} | {100 * v['over_rate']:.1f} % of {v['points']} | "
+            f"{v['held_out_val_accuracy_at_0.5']:.4f} |" for k, v in result["val_halves"].items()]
+    out += ["", "| eps | holds: pairs (all splits) | test MACs fraction | mean test drop |", "|---|---|---|---|"]
+    out += [f"| {eps} | {v['pairs']} ({100 * v['holds_rate_all_splits']:.1f} %) | {v['test_fraction_mean']:.3f} | "
+            f"{v['test_drop_mean']:+.4f} |" for eps, v in result["accuracy_drop"].items()]
+    names = ["select", "standard, thresholds from the selection model", "standard, thresholds from the donor"]
+    rows = result["protocols"]["rows"]
+    if rows:
+        out += ["", "| task | seed | select | standard, old transfer | standard, donor | select, 0.9 | "
+                "standard old, 0.9 | standard donor, 0.9 |", "|---|---|---|---|---|---|---|---|"]
+        for task in result["tasks"]:
+            for seed in result["seeds"]:
+                cells = []
+                for level in (None, 0.9):
+                    for name in names:
+                        x = next(r for r in rows if (r["task"], r["seed"], r["level"], r["protocol"]) ==
+                                 (task, seed, level, name))
+                        cells.append(f"{x['test_accuracy']:.3f} / {x['test_fraction']:.3f}{' ⚠' if x['over'] else ''}")
+                out.append(f"| {task} | {seed} | " + " | ".join(cells) + " |")
+        means = []
+        for level in (None, 0.9):
+            for name in names:
+                v = result["protocols"]["summary"][f"{name} | confidence {level}"]
+                means.append(f"{v['test_accuracy']:.3f} / {v['test_fraction']:.3f} ({v['over']} over)")
+        out.append("| **mean** | | " + " | ".join(means) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -253,8 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default=None, help="comma-separated (default: base.tasks)")
     ap.add_argument("--resplits", type=int, default=10)
     ap.add_argument("--no-standard", action="store_true", help="skip the standard-protocol trainings")
+    ap.add_argument("--tables", action="store_true", help="print BENCHMARKS.md's tables from the result file")
     args = ap.parse_args(argv)
+    if args.tables:
+        print(markdown(json.loads(OUT.read_text())))
+        return 0
+    # the train stage's settings: params.yaml with the tune stage's winner applied, as `make repro` trains
     params = load_params(args.params)
+    params = load_params(args.params, best_overrides(Path(params.base.paths.outputs) / "tune" / "best_params.yaml"))
     tasks = args.tasks.split(",") if args.tasks else params.base.tasks
     seeds = [int(s) for s in args.seeds.split(",")]
     protocols_wanted = ["select"] + ([] if args.no_standard else ["standard"])
@@ -269,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy_drop": accuracy_drop(all_logits, args.resplits),
         "protocols": protocols(all_logits),
     }
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    OUT.write_text(json.dumps(result, separators=(",", ":")) + "\n")  # every row: what each table is made of
     log("\nbudget adherence (test MACs over the budget; budgets 0.35-1.00):")
     for level, v in result["adherence"]["summary"].items():
         log(f"  confidence {level:>5}: {v['over']:>4} of {v['points']} over ({100 * v['over_rate']:.1f} "

@@ -251,7 +251,7 @@ def trained_record(task: str, model_cfg: ModelConfig, model: DynAdapterViT, hist
                    train_seconds=train_seconds, step_seconds=step_seconds, history=history)
 
 
-SELECTION_DIR = "selection"  # beside a `standard`-protocol model: the train800-only model its thresholds come from
+CALIBRATION_DIR = "calibration"  # beside a `standard`-protocol model: the donor its thresholds come from
 
 
 def trainval_data(data: TaskData) -> TaskData:
@@ -360,7 +360,8 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
 
     calibration_model: a model of the same architecture whose val logits choose the thresholds (and the sweep)
     instead of `model`'s own: under the standard protocol `model` has trained on val200, so its val
-    confidences are optimistic; the train800-only model it was selected with has not (thresholds transfer).
+    confidences are optimistic; the threshold donor (`retrain_for_calibration`) has not seen val200 and was
+    trained on the same schedule, so its val confidences behave like the reported model's on new images.
     device: where the val/test forward passes and the throughput timing run (e.g. a GPU); MACs are measured,
     and the model is left, on the CPU."""
     merged_for_inference(model)
@@ -415,7 +416,7 @@ def evaluate_task(model: DynAdapterViT, data: TaskData, *, budget: float = 0.5,
         curve=curve,
         throughput=throughput,
         mode_comparison=modes,
-        calibrated_on="val200, train800-only model" if calibration_model is not None else "val200",
+        calibrated_on="val200, threshold donor (train800 only)" if calibration_model is not None else "val200",
         path_stats=stats,
     )
 

@@ -48,6 +48,7 @@ class FitJob:
     train: dict  # TrainConfig dump (ray: resources, deepspeed: the engine)
     seed: int
     trainval: bool = False  # the standard protocol's final fit: train800 ∪ val200, last epoch kept
+    donor: bool = False  # the standard protocol's threshold donor: train800 only, the final fit's schedule
     data: str = ""  # the task's prepared data (its manifest checksum)
 
     @property
@@ -55,12 +56,30 @@ class FitJob:
         """What the run computes: model, training settings (not where it runs: train.ray, train.storage),
         seed, split and data. Two experiments or projects sharing train.storage get different folders."""
         train = {k: v for k, v in self.train.items() if k not in ("ray", "storage")}
-        return config_digest({"backbone": self.backbone, "model": self.model, "train": train, "seed": self.seed,
-                              "trainval": self.trainval, "data": self.data})
+        what = {"backbone": self.backbone, "model": self.model, "train": train, "seed": self.seed,
+                "trainval": self.trainval, "data": self.data}
+        return config_digest({**what, "donor": True} if self.donor else what)  # the older runs keep their names
 
     @property
     def run_name(self) -> str:
         return f"{self.name}-{self.digest}"
+
+    def data_of(self, data):
+        """The splits this run trains on (a TaskData with train and val): train800 ∪ val200 for the final fit,
+        train800 without val for the donor, else train800 with val200 to select on."""
+        from dynadapter.adapt import trainval_data
+
+        if self.trainval:
+            return trainval_data(data)
+        return replace(data, val=None) if self.donor else data
+
+    def after_selection(self, best_epoch: int) -> FitJob:
+        """A follow-up run of the standard protocol, on the schedule of `best_epoch` epochs the selection run chose
+        (`adapt.final_schedule`: the warm-up keeps its share)."""
+        from dynadapter.adapt import final_schedule
+
+        train = final_schedule(TrainConfig.model_validate(self.train), best_epoch).model_dump(mode="json")
+        return replace(self, train=train)
 
     def check(self, checkpoint: Mapping[str, Any], where: str) -> None:
         """Raise CheckpointMismatchError unless `checkpoint` (a `fit` checkpoint) was written by this job."""
@@ -102,7 +121,7 @@ def fit_worker(config: dict) -> None:
     import ray
     import ray.train
 
-    from dynadapter.adapt import train_task, trainval_data
+    from dynadapter.adapt import train_task
     from dynadapter.train.checkpoint import rank_file
     from dynadapter.train import flatten_metrics
     from dynadapter.train.deepspeed import deepspeed_strategy
@@ -112,7 +131,7 @@ def fit_worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     job = FitJob(**config["job"])
     data = ray.get(config["data"])
-    data = trainval_data(data) if job.trainval else data
+    data = job.data_of(data)
     train_cfg = TrainConfig.model_validate(job.train)
     work = Path(tempfile.mkdtemp(prefix="dynadapter-fit-"))
     local = work / rank_file(rank)
@@ -166,14 +185,12 @@ def worker_data(data):
 
 
 def _run_jobs(jobs: list[FitJob], refs: dict, storage_path: str, max_failures: int) -> list[FitOutcome]:
-    """One task x variant on the cluster: its run, and under the standard protocol the train800val200 run for
-    the epoch count the first one chose on val. `refs`: the data's and backbone's object refs (in a dict, so
+    """One task x variant on the cluster: its run, and under the standard protocol the train800val200 run and the
+    threshold donor, for the epoch count the first one chose on val (`final_schedule`). `refs`: the data's and backbone's object refs (in a dict, so
     Ray hands them on as refs instead of resolving them here); the data may instead be a TaskSource, read here
     (this task runs on the driver's node, beside the prepared data) and put into the object store from here,
     so the driver never holds it."""
     import ray
-
-    from dynadapter.adapt import final_schedule
 
     data_ref, backbone_ref = refs["data"], refs["backbone"]
     if not isinstance(data_ref, ray.ObjectRef):
@@ -181,9 +198,8 @@ def _run_jobs(jobs: list[FitJob], refs: dict, storage_path: str, max_failures: i
     first = fit_on_ray(jobs[0], data_ref, backbone_ref, storage_path=storage_path, max_failures=max_failures)
     outcomes = [first]
     for job in jobs[1:]:
-        train = final_schedule(TrainConfig.model_validate(job.train), first.best_epoch).model_dump(mode="json")
-        outcomes.append(fit_on_ray(replace(job, train=train), data_ref, backbone_ref, storage_path=storage_path,
-                                   max_failures=max_failures))
+        outcomes.append(fit_on_ray(job.after_selection(first.best_epoch), data_ref, backbone_ref,
+                                   storage_path=storage_path, max_failures=max_failures))
     return outcomes
 
 
@@ -336,9 +352,13 @@ def map_on_ray(fn: Callable, calls: Iterable[tuple[tuple, dict]], ray_cfg: RayCo
 
 def fit_jobs(task: str, variant: str, backbone_cfg: BackboneConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
              *, seed: int, standard: bool, data: str = "") -> list[FitJob]:
-    """The runs one task x variant takes: one, or two under the standard protocol. `data`: the task's prepared
-    data (manifest checksum), part of each run's folder name."""
+    """The runs one task x variant takes: one, or three under the standard protocol (the selection run, the
+    train800val200 run, the threshold donor). `data`: the task's prepared data (manifest checksum), part of each
+    run's folder name."""
     job = FitJob(name=f"{task}-{variant}", task=task, backbone=backbone_cfg.model_dump(mode="json"),
                  model=model_cfg.model_dump(mode="json"), train=train_cfg.model_dump(mode="json"), seed=seed,
                  data=data)
-    return [job, replace(job, name=f"{job.name}-train800val200", trainval=True)] if standard else [job]
+    if not standard:
+        return [job]
+    return [job, replace(job, name=f"{job.name}-train800val200", trainval=True),
+            replace(job, name=f"{job.name}-calibration", donor=True)]

@@ -301,8 +301,8 @@ class TrainConfig(OptimConfig):
         description="select: train on train800, keep the best epoch on val200 (the reported model never sees "
         "val200). standard (VTAB-1k papers: NOAH, DyT, Dyn-Adapter): the same run picks the epoch count on "
         "val200, then a fresh model trains that many epochs on train800val200 and is the one reported on test; "
-        "its exit thresholds are the ones calibrated on val200 for the train800-only model (see "
-        "pipelines/evaluate.py).",
+        "its exit thresholds are calibrated on val200 with a threshold donor trained the same way on train800 "
+        "only (adapt.retrain_for_calibration; see pipelines/evaluate.py).",
     )
     priority: PriorityConfig = PriorityConfig()
     sparsity: SparsityConfig = SparsityConfig()
@@ -340,8 +340,8 @@ class EvaluateConfig(Section):
         "Needs calibration: path.")
     max_drop: float = Field(
         0.02, ge=0, lt=1, description="target accuracy_drop: the largest accuracy drop against the last exit "
-        "allowed (0.02 = 2 points). With 200 val images nothing below about 0.012 can be certified at 0.9 "
-        "(0 errors in 200 still leave 1.1 %); smaller values get full depth.")
+        "allowed (0.02 = 2 points). With 200 val images nothing below about 0.015 can be certified at 0.9 "
+        "(0 errors in 200 still leave 1.5 %); smaller values get full depth.")
     drop_confidence: float = Field(
         0.9, gt=0, lt=1, description="target accuracy_drop: probability with which the drop is certified.")
     transfer_probe: bool = Field(

@@ -17,7 +17,8 @@ For the Dyn-Adapter model: merge PETL into the frozen weights, calibrate per-exi
 budget (a fraction of full-depth MACs, certified on new data with probability evaluate.budget_confidence; or,
 with evaluate.target=accuracy_drop, the cheapest thresholds whose accuracy drop against the last exit is at
 most evaluate.max_drop with probability evaluate.drop_confidence; under train.protocol=standard the model trained on val200 too, so the
-thresholds are calibrated on val200 with the train800-only model saved beside it and transferred), then apply
+thresholds are calibrated on val200 with the threshold donor saved beside it, trained on train800 only on the
+same schedule, and transferred), then apply
 them once to test: accuracy, mean MACs actually executed,
 exit histogram; the val-calibrated threshold sweep evaluated on test (accuracy vs budget) and its Pareto
 frontier (non-dominated points); accuracy of each exit alone; measured throughput of compacted dynamic
@@ -179,7 +180,7 @@ def evaluations(params, checkpoint) -> Iterator[tuple]:
     this process holds the data and models of the evaluations in flight only, never all of them."""
     from collections import deque
 
-    from dynadapter.adapt import (SELECTION_DIR, accelerator, evaluate_task, load_task_for, load_trained,
+    from dynadapter.adapt import (CALIBRATION_DIR, accelerator, evaluate_task, load_task_for, load_trained,
                                   merged_for_inference)
     from dynadapter.cluster import cluster_address, map_on_ray
 
@@ -191,8 +192,10 @@ def evaluations(params, checkpoint) -> Iterator[tuple]:
         for variant in ("dyn", "baseline"):
             saved = Path(base.paths.models) / "tasks" / task / variant
             model, trained, _ = load_trained(saved, checkpoint)
-            # standard protocol: the model trained on val200 too; its thresholds come from the train800-only one
-            selection = load_trained(saved / SELECTION_DIR, checkpoint)[0] if (saved / SELECTION_DIR).is_dir() else None
+            # standard protocol: the model trained on val200 too; its thresholds come from the donor (train800 only,
+            # the same schedule)
+            donor = saved / CALIBRATION_DIR
+            selection = load_trained(donor, checkpoint)[0] if donor.is_dir() else None
             kwargs = dict(budget=base.budget, repeats=ev_cfg.throughput_repeats,
                           throughput_batch=ev_cfg.throughput_batch if variant == "dyn" else 0,
                           calibration=ev_cfg.calibration, calibration_model=selection,

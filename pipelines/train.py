@@ -24,8 +24,9 @@ DESCRIPTION = """Train the final models, one pair per task in base.tasks:
 
 train.protocol=select (default): both train on train800 with model selection on val200 only.
 train.protocol=standard (the VTAB-1k papers' protocol): that run only chooses the epoch count on val200; a fresh
-model then trains that many epochs on train800val200 and is the saved model; the train800-only model is kept
-beside it (<task>/<variant>/selection/) because the evaluate stage calibrates thresholds with it.
+model then trains that many epochs on train800val200 and is the saved model; a threshold donor trained the same
+way on train800 only is kept beside it (<task>/<variant>/calibration/): the evaluate stage calibrates the
+thresholds with it on val200, which it never saw. Both runs keep the warm-up's share of the schedule.
 Test is not read here. On a CUDA GPU the models train through a DeepSpeed engine (train.deepspeed: NCCL, bf16
 where the GPU supports it), as tune trials do; on the CPU with plain AdamW. Each run checkpoints after every
 epoch (<paths.models>/checkpoints/train/) and resumes after an interruption (Ctrl-C, a kill): rerun the stage
@@ -78,8 +79,9 @@ def run(params: Params, parent=None, stdout=sys.stdout) -> dict:
 
 @dataclass
 class VariantResult:
-    """One task x variant, trained: the saved model, and the train800-only model it was selected with (the same
-    one under the `select` protocol; under `standard` the model evaluate calibrates thresholds with)."""
+    """One task x variant, trained: the saved model, the train800-only run that selected its epoch (the same one
+    under the `select` protocol), and under `standard` the threshold donor evaluate calibrates with
+    (`retrain_for_calibration`: train800 only, on the reported model's schedule)."""
 
     task: str
     variant: str
@@ -88,13 +90,14 @@ class VariantResult:
     trained: Trained
     model: torch.nn.Module
     selected: Trained
-    selection_model: torch.nn.Module | None = None  # standard protocol only
+    calibration_model: torch.nn.Module | None = None  # standard protocol only
+    calibration: Trained | None = None
 
 
 def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout) -> dict:
     """Both variants of every task, trained (or resumed) and saved in tasks_dir/<task>/<variant>; the summary.
     On a Ray cluster (train.ray.address or RAY_ADDRESS) the runs fan out over it; else they run here."""
-    from dynadapter.adapt import SELECTION_DIR, save_trained
+    from dynadapter.adapt import CALIBRATION_DIR, save_trained
     from dynadapter.cluster import cluster_address
     from dynadapter.tracking import log_task_result
 
@@ -109,11 +112,12 @@ def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout)
                           stage="train") as mlrun:
             if mlrun is not None:
                 log_task_result(mlrun, r.trained)
-        if r.selection_model is not None:  # thresholds come from the train800-only model: keep it
-            save_trained(r.selection_model, r.selected, out / SELECTION_DIR, **save)
+        if r.calibration_model is not None:  # thresholds come from the donor: keep it
+            save_trained(r.calibration_model, r.calibration, out / CALIBRATION_DIR, **save)
         save_trained(r.model, r.trained, out, **save)
         best = r.selected.history[r.selected.best_epoch - 1]
         extra = r.selected.train_seconds if r.selected is not r.trained else 0.0
+        extra += r.calibration.train_seconds if r.calibration is not None else 0.0
         summary["tasks"].setdefault(r.task, {})[r.variant] = {
             "val_acc_mean": best["val_acc_mean"],
             "val_acc_last": best["val_acc_last"],
@@ -130,7 +134,8 @@ def train_tasks(params: Params, tasks_dir: Path, parent=None, stdout=sys.stdout)
 
 def _train_here(params: Params, stdout) -> Iterator[VariantResult]:
     """Every task x variant on this machine, one after another (a CUDA GPU: DeepSpeed; else AdamW)."""
-    from dynadapter.adapt import accelerator_strategy, load_task_for, retrain_on_trainval, train_task
+    from dynadapter.adapt import (accelerator_strategy, load_task_for, retrain_for_calibration, retrain_on_trainval,
+                                  train_task)
     from dynadapter.train.pretrain import backbone_checkpoint
 
     base, cfg = params.base, params.train
@@ -146,15 +151,21 @@ def _train_here(params: Params, stdout) -> Iterator[VariantResult]:
                 checkpoint_path=ckpt_dir / f"{task}-{variant}.pt", strategy=strategy,
                 on_epoch_end=epoch_printer(f"train {task}/{variant}", cfg.epochs),
             )
-            selected, selection_model = trained, None
+            selected, donor, donor_model = trained, None, None
             if cfg.protocol == "standard":
-                selection_model = model
+                common = dict(seed=base.seed, strategy=strategy)
                 trained, model = retrain_on_trainval(
-                    task, data, base.backbone, model_cfg, train_cfg, checkpoint, selected, seed=base.seed,
-                    checkpoint_path=ckpt_dir / f"{task}-{variant}-train800val200.pt", strategy=strategy,
+                    task, data, base.backbone, model_cfg, train_cfg, checkpoint, selected, **common,
+                    checkpoint_path=ckpt_dir / f"{task}-{variant}-train800val200.pt",
                     on_epoch_end=epoch_printer(f"train {task}/{variant} on train800val200", selected.best_epoch),
                 )
-            yield VariantResult(task, variant, data.num_classes, model_cfg, trained, model, selected, selection_model)
+                donor, donor_model = retrain_for_calibration(
+                    task, data, base.backbone, model_cfg, train_cfg, checkpoint, selected, **common,
+                    checkpoint_path=ckpt_dir / f"{task}-{variant}-calibration.pt",
+                    on_epoch_end=epoch_printer(f"train {task}/{variant} threshold donor", selected.best_epoch),
+                )
+            yield VariantResult(task, variant, data.num_classes, model_cfg, trained, model, selected, donor_model,
+                                donor)
 
 
 def _train_on_cluster(params: Params, address: str, stdout) -> Iterator[VariantResult]:
@@ -195,9 +206,9 @@ def _train_on_cluster(params: Params, address: str, stdout) -> Iterator[VariantR
             load_trainable_state(model, outcome.best_state())
             received.append((trained_record(task, model_cfg, model, outcome.history, outcome.best_epoch,
                                             outcome.seconds), model.eval()))
-        (selected, selection_model), (trained, model) = received[0], received[-1]
-        yield VariantResult(task, variant, num_classes[task], model_cfg, trained, model, selected,
-                            selection_model if len(received) > 1 else None)
+        (selected, _), (trained, model) = received[0], received[min(1, len(received) - 1)]
+        donor, donor_model = received[2] if len(received) > 2 else (None, None)
+        yield VariantResult(task, variant, num_classes[task], model_cfg, trained, model, selected, donor_model, donor)
 
 
 def main(argv: list[str] | None = None) -> int:

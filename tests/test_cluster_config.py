@@ -113,13 +113,35 @@ def test_train_runs_are_keyed_by_what_they_compute():
 
     base = name()
     assert base[0].run_name.startswith("cifar-dyn-") and base[1].run_name.startswith("cifar-dyn-train800val200-")
-    assert base[0].run_name != base[1].run_name
+    assert base[2].run_name.startswith("cifar-dyn-calibration-") and base[2].donor and not base[2].trainval
+    assert len({j.run_name for j in base}) == 3 and len({j.digest for j in base}) == 3
     assert name(params.train.model_copy(update={"lr": 0.01}))[0].run_name != base[0].run_name
     assert name(data="sha256:b")[0].run_name != base[0].run_name
     assert name(seed=1)[0].run_name != base[0].run_name
     # where it runs is not what it computes: the same folder, so an interrupted run resumes
     moved = params.train.model_copy(update={"storage": "/elsewhere", "ray": RayConfig(cpus_per_worker=8)})
     assert name(moved)[0].run_name == base[0].run_name
+
+
+def test_standard_runs_on_the_cluster_train_on_their_splits_and_the_final_schedule():
+    """The train800val200 run and the threshold donor follow the selection run's epoch count with the warm-up
+    scaled (adapt.final_schedule), each on its own splits: what `_run_jobs` hands each Ray Train run."""
+    import torch
+
+    from dynadapter.adapt import TaskData
+    from dynadapter.cluster import fit_jobs
+
+    params = preset()  # ViT-B/16: 10 warm-up epochs of 100
+    select, final, donor = fit_jobs("cifar", "dyn", params.base.backbone, params.base.model, params.train, seed=0,
+                                    standard=True)
+    data = TaskData((torch.zeros(8, 3, 2, 2), torch.zeros(8)), (torch.ones(2, 3, 2, 2), torch.ones(2)), None, 2)
+    assert select.data_of(data) is data
+    assert final.data_of(data).train[0].shape[0] == 10 and final.data_of(data).val is None
+    assert donor.data_of(data).train[0].shape[0] == 8 and donor.data_of(data).val is None
+    for job in (final, donor):
+        follow = job.after_selection(8)
+        assert (follow.train["epochs"], follow.train["warmup_epochs"]) == (8, pytest.approx(0.8))
+        assert follow.donor == job.donor and follow.trainval == job.trainval
 
 
 def test_the_driver_refuses_a_checkpoint_of_another_run():

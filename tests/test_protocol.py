@@ -1,6 +1,6 @@
 """train.protocol: `select` (train800, select on val200) and `standard` (the VTAB-1k papers': the epoch count
 chosen on val200, then a fresh model on train800val200 reported on test, thresholds calibrated on val200 with
-the train800-only model)."""
+a threshold donor trained on train800 only on the final run's schedule)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from dynadapter.adapt import (SELECTION_DIR, TaskData, evaluate_task, load_trained, retrain_on_trainval,
-                              train_task, trainval_data)
+from dynadapter.adapt import (CALIBRATION_DIR, TaskData, evaluate_task, load_trained, retrain_for_calibration,
+                              retrain_on_trainval, train_task, trainval_data)
 from dynadapter.config import DeepSpeedConfig, ModelConfig, TrainConfig, parse_params
 from dynadapter.data.store import write_task
 from helpers import TINY, backbone_cfg, one_thread  # noqa: F401 - one_thread: autouse fixture
@@ -72,15 +72,19 @@ def test_final_schedule_keeps_the_warm_up_share_so_a_short_run_is_not_all_warm_u
     assert final_schedule(TrainConfig(epochs=20, warmup_epochs=1.0), 20).warmup_epochs == 1.0  # full length: as before
 
 
-def test_standard_thresholds_come_from_the_train800_model_on_val():
+def test_standard_thresholds_come_from_the_donor_on_val():
     data = random_task(seed=1)
     model_cfg = ModelConfig()
-    selected, sel_model = train_task("t", data, backbone_cfg(), model_cfg, TRAIN, None, progress=False)
+    selected, _ = train_task("t", data, backbone_cfg(), model_cfg, TRAIN, None, progress=False)
+    selected.best_epoch = 2
     _, final_model = retrain_on_trainval("t", data, backbone_cfg(), model_cfg, TRAIN, None, selected,
                                          progress=False, seed=5)
-    alone = evaluate_task(sel_model, data, budget=0.5)
-    ev = evaluate_task(final_model, data, budget=0.5, calibration_model=sel_model)
-    assert ev.calibration == alone.calibration and ev.calibrated_on == "val200, train800-only model"
+    donor, donor_model = retrain_for_calibration("t", data, backbone_cfg(), model_cfg, TRAIN, None, selected,
+                                                 progress=False, seed=5)
+    assert [h["steps"] for h in donor.history] == [2, 2]  # train800 only (16 images), the final run's 2 epochs
+    alone = evaluate_task(donor_model, data, budget=0.5)
+    ev = evaluate_task(final_model, data, budget=0.5, calibration_model=donor_model)
+    assert ev.calibration == alone.calibration and ev.calibrated_on == "val200, threshold donor (train800 only)"
     assert final_model.thresholds == pytest.approx(alone.calibration["thresholds"])
     own = evaluate_task(final_model, data, budget=0.5)
     assert own.calibrated_on == "val200"
@@ -123,16 +127,18 @@ def test_train_and_evaluate_stages_follow_the_protocol(tmp_path, protocol):
         row = summary["tasks"]["toy"][variant]
         assert (row["protocol"], row["trained_on"]) == (protocol, {"select": "train800",
                                                                     "standard": "train800val200"}[protocol])
-        assert (saved / variant / SELECTION_DIR).is_dir() == (protocol == "standard")
+        assert (saved / variant / CALIBRATION_DIR).is_dir() == (protocol == "standard")
         if protocol == "standard":  # 18 images in batches of 6, for the epochs val chose; no val metrics
             assert [h["steps"] for h in info["trained"]["history"]] == [3] * row["best_epoch"]
-            sel = json.loads((saved / variant / SELECTION_DIR / "adapter.json").read_text())["trained"]
-            assert [h["steps"] for h in sel["history"]] == [2, 2] and sel["best_epoch"] == row["best_epoch"]
+            # the threshold donor: train800 only (12 images: 2 steps), on the final run's schedule, no val
+            donor = json.loads((saved / variant / CALIBRATION_DIR / "adapter.json").read_text())["trained"]
+            assert [h["steps"] for h in donor["history"]] == [2] * row["best_epoch"]
+            assert all("val_acc" not in h for h in donor["history"])
     metrics, per_task, _ = evaluate_stage.run(params)
-    want = "val200, train800-only model" if protocol == "standard" else "val200"
+    want = "val200, threshold donor (train800 only)" if protocol == "standard" else "val200"
     assert per_task["toy"]["dyn"]["calibrated_on"] == want
     if protocol == "standard":
-        sel_model = load_trained(saved / "dyn" / SELECTION_DIR, tmp_path / "vit.safetensors")[0]
+        sel_model = load_trained(saved / "dyn" / CALIBRATION_DIR, tmp_path / "vit.safetensors")[0]
         from dynadapter.adapt import load_task_for
 
         alone = evaluate_task(sel_model, load_task_for(params.base, "toy"), budget=params.base.budget,
@@ -166,4 +172,4 @@ def test_train_stage_trains_through_deepspeed_on_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(adapt, "accelerator_strategy", lambda ds=None: spy)
     params = _stage_params(tmp_path, "standard")
     train_stage.run(params, None, stdout=io.StringIO())
-    assert used == [2, 3, 2, 3]  # dyn: train800, train800val200; baseline: the same
+    assert used == [2, 3, 2] * 2  # dyn: train800, train800val200, the donor on train800; baseline: the same

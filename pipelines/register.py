@@ -14,7 +14,8 @@ from pipelines.common import (load_stage_params, save_stage_config, stage_parser
 DESCRIPTION = """Register the models the evaluate stage logged, one registered model per task
 (<register.model_prefix>-<task>), and move the alias register.alias (default `champion`) to the new version
 only if its VALIDATION accuracy at base.budget beats the current champion's (a tie goes to fewer val MACs per
-image), or if there is no champion yet. Promotion is a selection, so test never decides: test accuracy is
+image), or if there is no champion yet, or if the champion's thresholds promise something else (another budget,
+evaluate.budget_confidence or target: val accuracy only ranks versions under the same promise). Promotion is a selection, so test never decides: test accuracy is
 recorded beside. The decision, its reason and both models' figures are recorded as tags; the description of
 the new version is the decision plus a model card (task, backbone, PETL method, val and test accuracy and MACs
 fraction at the budget, the budget curve), which a promotion also puts on the registered model. Running the stage again changes nothing: a version already
@@ -25,7 +26,7 @@ Reads <paths.outputs>/evaluate/models.json. Outputs: <paths.outputs>/register/de
 
 
 def run(params: Params, parent) -> dict:
-    from dynadapter.tracking import model_name_for, promote
+    from dynadapter.tracking import model_name_for, promise_of, promote
 
     base, cfg = params.base, params.register
     models = json.loads((Path(base.paths.outputs) / "evaluate" / "models.json").read_text())
@@ -43,7 +44,8 @@ def run(params: Params, parent) -> dict:
         name = model_name_for(task, cfg.model_prefix)
         decision = promote(parent.client, name, m["model_uri"], run_id=m["run_id"], val_accuracy=m["val_accuracy"],
                            val_macs=m["val_macs"], test_accuracy=m["test_accuracy"], test_macs=m["test_macs"],
-                           budget=m["budget"], alias=cfg.alias, card=m.get("card"))
+                           budget=m["budget"], alias=cfg.alias, card=m.get("card"),
+                           promise=promise_of((m.get("card") or {}).get("certified"), m["budget"]))
         decisions[task] = {**asdict(decision), **{k: m[k] for k in ("val_accuracy", "val_macs", "test_accuracy",
                                                                     "test_macs")}}
         verdict = f"promoted to @{cfg.alias}" if decision.promoted else f"not promoted (@{cfg.alias} stays v{decision.champion})"

@@ -35,6 +35,7 @@ from dynadapter.tracking import (  # noqa: E402
     find_task_runs,
     log_dynamic_model,
     model_card,
+    promise_of,
     log_params,
     log_task_result,
     model_uri_of,
@@ -471,6 +472,30 @@ CARD = {"task": "count", "backbone": "vit_tiny_patch16_224", "petl": "adapter", 
                       "max_drop": None},
         "curve": [{"budget": 0.3, "val_accuracy": 0.7, "test_accuracy": 0.66, "test_fraction": 0.29},
                   {"budget": 1.0, "val_accuracy": 0.9, "test_accuracy": 0.85, "test_fraction": 1.0}]}
+
+
+def test_val_accuracy_ranks_versions_under_the_same_promise_only(client, exp_id):
+    """A certified budget spends less and scores lower on val than the val-mean calibration at the same budget:
+    switching evaluate.budget_confidence must not leave the old champion in place forever. Under one promise the
+    usual rule holds; a holder registered before promises were recorded counts as the val mean at its budget."""
+    name = "promise-switch"
+    mean, certified = promise_of(None, 0.5), promise_of({"target": "budget", "budget_fraction": 0.5,
+                                                         "confidence_level": 0.9})
+    assert (mean, certified) == ("budget 0.5, val mean", "budget 0.5, confidence 0.9")
+    run_id, uri = logged_model(client, exp_id, OLD)
+    assert promote(client, name, uri, run_id=run_id, val_accuracy=0.86, val_macs=100.0, budget=0.5).promoted
+    run_id, uri = logged_model(client, exp_id, NEW)  # the old rule's own promise (no tag on v1): compared
+    kept = promote(client, name, uri, run_id=run_id, val_accuracy=0.85, val_macs=90.0, budget=0.5, promise=mean)
+    assert not kept.promoted and "val accuracy 0.8500 < 0.8600" in kept.reason
+    run_id, uri = logged_model(client, exp_id, NEW)  # certified: lower val accuracy, but another promise
+    switch = promote(client, name, uri, run_id=run_id, val_accuracy=0.84, val_macs=88.0, budget=0.5,
+                     promise=certified)
+    assert switch.promoted and '"budget 0.5, val mean", this version "budget 0.5, confidence 0.9"' in switch.reason
+    assert client.get_model_version(name, switch.version).tags["dynadapter.promise"] == certified
+    run_id, uri = logged_model(client, exp_id, OLD)  # the same promise again: the usual comparison
+    worse = promote(client, name, uri, run_id=run_id, val_accuracy=0.83, val_macs=80.0, budget=0.5,
+                    promise=certified)
+    assert not worse.promoted and worse.champion == switch.version
 
 
 def test_model_card_states_the_accuracy_drop_certificate():

@@ -25,7 +25,7 @@ from dynadapter.tracking.log import (flatten_numbers, flatten_params, log_budget
                                      log_exit_accuracies, log_figure, log_history, log_macs, log_metrics, log_params,
                                      log_table, log_task_result, pareto_figure)
 from dynadapter.tracking.model import dynamic_model_signature, log_dynamic_model
-from dynadapter.tracking.registry import Promotion, model_card, model_name_for, promote
+from dynadapter.tracking.registry import Promotion, model_card, model_name_for, promise_of, promote
 from dynadapter.tracking.runs import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, close_orphaned_runs, find_task_runs, get_or_create_experiment,
                                       get_or_create_parent, model_uri_of, pipeline_id_for, pipeline_run, task_run)
 from dynadapter.tracking.tags import (BATCH_LIMIT, CHAMPION, MAX_PARAM_LENGTH, PARENT_TAG, PIPELINE_ID_ENV,
@@ -43,6 +43,6 @@ __all__ = [
     "check_tracking_server", "close_orphaned_runs", "dynamic_model_signature", "find_task_runs", "flatten_numbers",
     "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "flatten_params", "get_or_create_experiment", "get_or_create_parent", "log_budget_curve", "log_config", "log_dynamic_model",
     "log_exit_accuracies", "log_figure", "log_history", "log_macs", "log_metrics", "log_params", "log_table",
-    "log_task_result", "model_card", "model_name_for", "model_uri_of", "pareto_figure", "pipeline_id_for", "pipeline_run",
+    "log_task_result", "model_card", "model_name_for", "model_uri_of", "promise_of", "pareto_figure", "pipeline_id_for", "pipeline_run",
     "promote", "resolve_tracking_uri", "task_run",
 ]

@@ -11,8 +11,8 @@ from typing import Any
 
 from dynadapter.tracking.connection import global_tracking_uri
 from dynadapter.tracking.tags import (CHAMPION, TAG_MODEL_URI, V_BUDGET, V_DECISION, V_PREVIOUS,
-                                      V_PREVIOUS_ACCURACY, V_PREVIOUS_MACS, V_PREVIOUS_TEST_ACCURACY, V_REASON,
-                                      V_TEST_ACCURACY, V_TEST_MACS, V_VAL_ACCURACY, V_VAL_MACS)
+                                      V_PREVIOUS_ACCURACY, V_PREVIOUS_MACS, V_PREVIOUS_TEST_ACCURACY, V_PROMISE,
+                                      V_REASON, V_TEST_ACCURACY, V_TEST_MACS, V_VAL_ACCURACY, V_VAL_MACS)
 
 DESCRIPTION_LIMIT = 5000  # MLflow's limit on a model version's description
 
@@ -58,14 +58,44 @@ def _legacy(version) -> bool:
     return V_VAL_ACCURACY not in version.tags and V_TEST_ACCURACY in version.tags and V_DECISION in version.tags
 
 
-def _decide(version, champion, accuracy: float, macs: float, alias: str) -> tuple[bool, str]:
+def promise_of(certificate: Mapping[str, Any] | None, budget: float | None = None) -> str | None:
+    """What a version's thresholds promise, as one comparable string: "budget 0.5, confidence 0.9" (certified),
+    "budget 0.5, val mean" (budget_confidence null), or "accuracy drop <= 0.02, confidence 0.9". Val accuracy
+    only ranks versions that promise the same: a certified budget spends less and scores lower than the val mean
+    at the same budget, and a version calibrated for another budget answers another question."""
+    cert = dict(certificate or {})
+    if cert.get("target") == "accuracy_drop":
+        return f"accuracy drop <= {float(cert['max_drop']):g}, confidence {float(cert['confidence_level']):g}"
+    b = cert.get("budget_fraction", budget)
+    if b is None:
+        return None
+    level = cert.get("confidence_level")
+    return f"budget {float(b):g}, " + (f"confidence {float(level):g}" if level is not None else "val mean")
+
+
+def _promise(version) -> str | None:
+    """The promise a version was decided under; for one registered before promises were recorded, its budget
+    with the val-mean calibration of that time."""
+    if V_PROMISE in version.tags:
+        return version.tags[V_PROMISE]
+    return promise_of(None, float(version.tags[V_BUDGET])) if V_BUDGET in version.tags else None
+
+
+def _decide(version, champion, accuracy: float, macs: float, alias: str,
+            promise: str | None = None) -> tuple[bool, str]:
     """Promote when strictly more accurate on val, or equally accurate with fewer val MACs; never on unknown
-    figures. A holder chosen on test accuracy by an earlier release is replaced: its figures do not compare."""
+    figures. A holder chosen on test accuracy by an earlier release is replaced: its figures do not compare.
+    Neither do those of a holder whose thresholds promise something else (`promise_of`): the new promise is
+    what the user configured, so its version replaces that holder."""
     if champion is None:
         return True, f"no {alias} yet"
     if str(champion.version) == str(version.version):
         return True, f"already the {alias}"  # an earlier call moved the alias, then was interrupted
     of = f"v{champion.version}"
+    mine, held = promise or _promise(version), _promise(champion)
+    if mine is not None and held is not None and mine != held:
+        return True, (f"{alias} {of} promises \"{held}\", this version \"{mine}\": val accuracy ranks versions "
+                      "under the same promise only, and this one is what is configured now")
     theirs = _figures(champion)
     if theirs is None:
         if _legacy(champion):
@@ -150,12 +180,14 @@ def promote(
     budget: float | None = None,
     alias: str = CHAMPION,
     card: Mapping[str, Any] | None = None,
+    promise: str | None = None,
 ) -> Promotion:
     """Register `model_uri` (logged by `run_id`) as a version of `model_name` and move `alias` to it only if
     it beats the current holder on VALIDATION: higher val accuracy at the budget, or the same with fewer val
     MACs (per image), or there is no holder yet. Promotion is a selection, so test figures never decide: they
     are recorded beside the val ones (version tags and the description). A holder promoted by an earlier
-    release on test accuracy has no val figures to compare and is replaced, saying so.
+    release on test accuracy has no val figures to compare and is replaced, saying so. `promise` (`promise_of`):
+    what the thresholds promise; a holder that promises something else is replaced, saying so.
 
     The figures, the decision, its reason and the previous holder's figures are recorded as version tags;
     the description is the decision followed by `model_card(card)`, and a promotion also makes that card the
@@ -180,6 +212,8 @@ def promote(
     for tag, value in ((V_TEST_ACCURACY, test_accuracy), (V_TEST_MACS, test_macs), (V_BUDGET, budget)):
         if value is not None:
             figures[tag] = repr(float(value))
+    if promise is not None:
+        figures[V_PROMISE] = promise
     if created:
         model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
         with global_tracking_uri(client.tracking_uri):  # MLflow resolves models:/ sources with the global client
@@ -192,7 +226,7 @@ def promote(
     for k, v in figures.items():  # an interrupted call may have stopped before they were written
         if version.tags.get(k) != v:
             client.set_model_version_tag(model_name, version.version, k, v)
-    promoted, reason = _decide(version, champion, float(val_accuracy), float(val_macs), alias)
+    promoted, reason = _decide(version, champion, float(val_accuracy), float(val_macs), alias, promise)
     resumed = champion is not None and str(champion.version) == str(version.version)
     if resumed and version.tags.get(V_REASON):
         reason = version.tags[V_REASON]  # the comparison made before the interruption

@@ -22,6 +22,7 @@ V_TEST_MACS = "dynadapter.test_macs"
 V_ACCURACY = V_VAL_ACCURACY  # the figures the decision compares
 V_MACS = V_VAL_MACS
 V_BUDGET = "dynadapter.budget"
+V_PROMISE = "dynadapter.promise"  # what the thresholds promise (registry.promise_of): figures compare under one only
 V_DECISION = "dynadapter.decision"  # "promoted" | "kept"
 V_REASON = "dynadapter.reason"
 V_PREVIOUS = "dynadapter.previous_champion"

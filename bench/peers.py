@@ -168,8 +168,9 @@ def measure(method: Method, ctx: Context, params: Params, model_cfg, train_cfg, 
         row.update(val_accuracy=ev.calibration["val_accuracy"] if method.kind == "dyn" else None,
                    test_accuracy=ev.test["accuracy"], macs=ev.test["macs"], points=[],
                    full_depth_macs=ev.full_depth_macs)
-        if method.kind == "dyn":
+        if method.kind == "dyn":  # val MACs: what the calibration spent on val (`macs` is test's)
             row.update(budget=base.budget, thresholds=list(ev.calibration["thresholds"]),
+                       val_macs=ev.calibration["val_macs"],
                        exit_fraction=ev.test["exit_fraction"], test_exit_accuracy=ev.test_exit_accuracy)
             for b, p in curve_at_budgets(ev.curve, BUDGETS).items():
                 row["points"].append({"budget": b, "val_accuracy": p["val_accuracy"],
@@ -199,7 +200,7 @@ def relative(row: dict, base_row: dict) -> dict:
     out["throughput_ratio"] = (row["images_per_s"] / row["baseline_images_per_s"]
                                if row.get("images_per_s") else 1.0)
     # the cost a budget is checked against when choosing an operating point: measured on val where it depends on
-    # the data (DyT's token routing), the static cost otherwise (Dyn-Adapter's points are val-calibrated anyway)
+    # the data (DyT's token routing, Dyn-Adapter's exits), the static cost otherwise (one head at full depth)
     out["val_macs_fraction"] = row.get("val_macs", row["macs"]) / base_row["macs"]
     for p in row["points"]:
         p["macs_fraction"] = p["macs"] / base_row["macs"]

@@ -220,8 +220,11 @@ def train_task(
             result = fit_resumable(model, data.train, data.val, train_cfg, checkpoint_path=checkpoint_path, **kwargs)
         else:
             result = fit(model, data.train, data.val, train_cfg, **kwargs)
+    # a run resumed from a checkpoint counts the epochs it restored at the time they took then (their `seconds`),
+    # not the moment it took to read them back
+    restored = sum(h.get("seconds", 0.0) for h in result.history[: result.resumed_from or 0])
     return trained_record(task, model_cfg, model, result.history, result.best_epoch,
-                          time.perf_counter() - start), model
+                          time.perf_counter() - start + restored), model
 
 
 def build_for_training(data: TaskData | int, backbone_cfg: BackboneConfig, model_cfg: ModelConfig,

@@ -229,6 +229,9 @@ def test_peers_benchmark_end_to_end_with_cache_and_mlflow(tmp_path, capsys):
     assert rows["trunc_b2"]["memory_ratio"] < 1.0 and rows["linear_probe"]["memory_ratio"] < 0.5
     assert rows["linear_probe"]["trainable_pct_of_backbone"] < base["trainable_pct_of_backbone"]
     assert rows["dyn_adapter"]["macs_fraction"] <= 0.5 + 0.25  # calibrated for 0.5 on val, measured on test
+    for task, r in report["per_task"]["dyn_adapter"].items():  # val MACs are val's: the calibration's, <= 0.5
+        assert r["val_macs_fraction"] == pytest.approx(r["val_macs"] / report["per_task"]["full_adapter"][task]["macs"])
+        assert r["val_macs_fraction"] <= 0.5 + 1e-9 and r["val_macs"] != r["macs"]
     assert rows["dyt_r0.5"]["memory_ratio"] > 1.0  # DyT trains the complete and the dynamic model
     for r in rows.values():
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["throughput_ratio"] > 0

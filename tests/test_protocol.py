@@ -53,6 +53,20 @@ def test_retrain_runs_the_selected_epoch_count_on_train800val200():
     assert all("val_acc" not in h for h in final.history)  # nothing was selected on val
 
 
+def test_a_run_resumed_from_its_finished_checkpoint_keeps_its_training_time(tmp_path):
+    """`make repro` after a code change returns from the finished epoch checkpoints in a second; the train
+    stage's train_seconds then said 0.0. The restored epochs count at the time they took."""
+    data = random_task()
+    ckpt = tmp_path / "run.pt"
+    first, _ = train_task("t", data, backbone_cfg(), ModelConfig(), TRAIN, None, checkpoint_path=ckpt,
+                          progress=False)
+    again, _ = train_task("t", data, backbone_cfg(), ModelConfig(), TRAIN, None, checkpoint_path=ckpt,
+                          progress=False)
+    epochs = sum(h["seconds"] for h in first.history)
+    assert again.history == first.history and epochs > 0
+    assert epochs <= again.train_seconds < epochs + first.train_seconds  # restored epochs + reading them back
+
+
 def test_final_schedule_keeps_the_warm_up_share_so_a_short_run_is_not_all_warm_up():
     """ViT-B/16 preset: warm-up 10 of 100 epochs; a selected epoch 8 made the whole final run warm-up (the lr
     still rising at its last step). The warm-up now keeps its share of the run: 0.8 of 8 epochs."""

@@ -4,8 +4,17 @@ A stand-in for ImageNet-21k. A single shape label teaches a backbone to ignore w
 how turned and how many there are, which is what structured downstream tasks ask; so every scene carries
 eight labels (the main object's shape, fill, hue, horizontal and vertical position, scale and rotation, and
 the number of objects), and the backbone is trained on all of them at once (one classifier, one
-cross-entropy per factor). The renderer shares its drawing kit with the downstream suite but not its tasks:
-the scenes mix all ten shapes, solid and outlined, with clutter, noise and background gradients.
+cross-entropy per factor). The scenes mix all ten shapes, solid and outlined, with clutter, noise and
+background gradients.
+
+What this means for the downstream suite: the renderer shares its drawing kit (`Scene`, the shapes, the
+placement code, 32 px) with `dynadapter.data.synthetic`, and four of the five default suite tasks ask for a
+variable the backbone was trained to predict here: `count` is the factor count (the same 1-6), `position`
+is x and y (4x4 bins give the 3x3 cell almost always), `orientation` is angle (the same arrow and rotation
+convention), `size` is scale (the same radius ratio). Only `digits` asks for something no factor names. On
+those four tasks the `transfer` probe re-reads features trained for the same variable, so its margin over a
+random-init backbone is largely by construction; `digits` is the suite's real transfer test (BENCHMARKS.md
+§2.1).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def cached_models(params, task: str, seed: int, protocols: list[str], log) -> di
     for name in ["select"] + (["standard_old", "standard_donor", "standard_final"] if "standard" in protocols else []):
         path = CACHE / f"{task}-seed{seed}-{name}.pt"
         if path.is_file():
-            out[name] = torch.load(path)
+            out[name] = torch.load(path, weights_only=True)
         else:
             todo.append(name)
     if not todo:

@@ -125,5 +125,5 @@ def test_vitb16_preset_miniature_prepare_train_evaluate(tmp_path, name, override
         assert abs(measured - gmacs) <= 0.005 * gmacs, measured
     per_task = json.loads((root / "outputs/evaluate/per_task.json").read_text())
     assert {t: r["dyn"]["calibrated_on"] for t, r in per_task.items()} == dict.fromkeys(
-        TASKS, "val200, train800-only model")
+        TASKS, "val200, threshold donor (train800 only)")
     assert all(0 < r["dyn"]["test"]["fraction"] <= 1 for r in per_task.values())

@@ -94,14 +94,14 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     if head.poll() is None:
         head.send_signal(signal.SIGTERM)  # `ray start --block` then shuts its node's processes down
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=10)  # it waits for a job's driver far longer: killed below, with the rest
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(head.pid, signal.SIGKILL)  # its own session (start_new_session=True)
             except ProcessLookupError:
                 pass
             head.wait(timeout=30)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 10  # the head is down: what is left (a job's driver) is an orphan to kill
     while pids_under(temp_dir) and time.monotonic() < deadline:
         time.sleep(1)
     for pid in pids_under(temp_dir):

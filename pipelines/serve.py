@@ -17,7 +17,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dynadapter.config import Params
 from pipelines.common import load_stage_params, stage_parser
 
 DESCRIPTION = """Serve the registered model <register.model_prefix>-<task>@<register.alias> (the champion the
@@ -34,12 +33,6 @@ A bad budget, bad thresholds or a wrongly shaped input: HTTP 400, the reason in 
 GET /ping answers 200 once the model is loaded."""
 
 DEFAULT_PORT = 5001  # not 5000: the README's MLflow UI
-
-
-def model_uri(params: Params, task: str) -> str:
-    from dynadapter.tracking import model_name_for
-
-    return f"models:/{model_name_for(task, params.register.model_prefix)}@{params.register.alias}"
 
 
 def serve_command(uri: str, host: str, port: int, workers: int) -> list[str]:
@@ -80,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                                      resolve_tracking_uri)
 
     tracking_uri = resolve_tracking_uri(params.base.mlflow.tracking_uri, Path.cwd())
+    name = model_name_for(task, params.register.model_prefix)
     try:
         check_tracking_server(tracking_uri)
-        name = model_name_for(task, params.register.model_prefix)
         version = MlflowClient(tracking_uri).get_model_version_by_alias(name, params.register.alias)
     except TrackingUnavailableError as err:
         print(f"error: base.mlflow.tracking_uri: {err}", file=sys.stderr)
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no model {name}@{params.register.alias} in {tracking_uri} ({err.message}); run `make repro` "
               "first: its register stage registers each task's champion", file=sys.stderr)
         return 4
-    uri = model_uri(params, task)
+    uri = f"models:/{name}@{params.register.alias}"
     print(f"serving {uri} (version {version.version}) at http://{args.host}:{args.port}/invocations "
           f"(tracking store {tracking_uri}); Ctrl-C stops it", flush=True)
     cmd = serve_command(uri, args.host, args.port, args.workers)

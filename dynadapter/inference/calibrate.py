@@ -399,10 +399,10 @@ def calibrate(
     base = costs.full_depth_baseline()
     if budget_confidence is not None and p.num_exits > 1:
         return _certify_budget(_check_path(p, base, mode), budget_fraction, budget_confidence)
+    cal = _calibrate(p, base, budget_fraction, _mode_candidates(p, base, mode, num_candidates, passes), mode)
     if budget_confidence is not None:  # one exit: its cost is the same for every image, known without data
-        cal = _calibrate(p, base, budget_fraction, _mode_candidates(p, base, mode, num_candidates, passes), mode)
-        return replace(cal, confidence_level=float(budget_confidence), bound=cal.fraction)
-    return _calibrate(p, base, budget_fraction, _mode_candidates(p, base, mode, num_candidates, passes), mode)
+        cal = replace(cal, confidence_level=float(budget_confidence), bound=cal.fraction)
+    return cal
 
 
 def _check_path(p: _Prepared, base: int, mode: str) -> PathStats:

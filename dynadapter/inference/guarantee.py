@@ -47,7 +47,6 @@ ALWAYS = 0.0  # every confidence reaches it: everybody leaves at that exit
 # thresholds shared by the early exits, fixed before any data: every 0.001, plus 1 - 10^-k steps for
 # confidences that crowd near 1 (max-softmax of a well-trained head)
 GRID = np.unique(np.concatenate([np.linspace(0.0, 1.0, 1001), 1.0 - np.logspace(-7, -3, 41)]).astype(np.float32))
-TARGETS = ("budget", "accuracy_drop")
 
 
 def binomial_upper(k: np.ndarray, n: int, alpha: np.ndarray | float) -> np.ndarray:
@@ -156,12 +155,11 @@ class PathStats:
 
     # ---------------------------------------------------------------------------------- the choices
 
-    def _deterministic(self) -> tuple[int | None, int | None]:
-        """Rows whose cost needs no estimate: everybody at exit 0 (first row), nobody early (last row)."""
-        zero, one = self._known()
-        first = 0 if zero[0, 1:].all() else None
-        last = len(self.thresholds) - 1 if one[-1].all() else None
-        return first, last
+    def _full_depth(self) -> int | None:
+        """The last row when it sends nobody out early (its cost and drop need no estimate), else None. The first
+        row, everybody at exit 0, needs none either: `macs_upper` gives it its exact cost."""
+        _, one = self._known()
+        return len(self.thresholds) - 1 if one[-1].all() else None
 
     def for_budget(self, budget: float, level: float) -> tuple[int | None, float]:
         """The dearest candidate accepted by fixed-sequence testing of "expected MACs <= budget" from the
@@ -169,13 +167,9 @@ class PathStats:
         the cheapest cannot be certified. Full depth is accepted whenever budget >= 1 (its cost is exact)."""
         limit = budget * self.base * (1 + 1e-12)  # a budget given as a rounded fraction of this very cost
         upper = self.macs_upper(level)
-        first, last = self._deterministic()
+        last = self._full_depth()
         chosen = None
-        if first is not None and self.costs[first, 0] <= limit:
-            chosen = first
-        for k in range(len(upper)):
-            if k == last:
-                break
+        for k in range(len(upper) if last is None else last):
             if upper[k] > limit:
                 break
             chosen = k
@@ -190,7 +184,7 @@ class PathStats:
         if not (isinstance(max_drop, (int, float)) and 0.0 <= float(max_drop) < 1.0):
             raise ValueError(f"max_drop must be an accuracy drop in [0, 1), e.g. 0.005; got {max_drop!r}")
         upper = self.drop_upper(level)
-        _, last = self._deterministic()
+        last = self._full_depth()
         if last is None:
             raise ValueError("the candidates must end with full depth (nobody leaves early)")
         chosen = last

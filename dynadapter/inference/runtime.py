@@ -41,7 +41,7 @@ def measure_throughput(
     return x.shape[0] / max(seconds, 1e-12)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def full_depth_forward(model: DynAdapterViT, x: torch.Tensor) -> torch.Tensor:
     """The static model's forward: every stage, only the last head (what `full_depth_baseline()` costs)."""
     tokens = model.embed(x)

@@ -88,49 +88,57 @@ class DynAdapterViT(nn.Module):
         return out
 
     # ---- inference: compacted early exit
-    @torch.no_grad()
     def forward_dynamic(self, x: torch.Tensor, thresholds: torch.Tensor | list[float] | None = None) -> DynamicOutput:
         """Each sample leaves at the first exit whose confidence >= its threshold (the last exit takes the rest).
 
         Only the samples still in flight are computed at each stage, so skipped work is really skipped; an
         early head whose threshold is above 1 (no confidence can reach it) is not run at all. Runs in eval
-        mode (dropout off) whatever the caller's mode, which is restored afterwards.
+        mode (dropout off) whatever the caller's mode, which is restored afterwards, under `inference_mode`.
         """
         th = self.thresholds if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)
         if th.numel() != len(self.exits):
             raise ValueError(f"need {len(self.exits)} thresholds (one per exit), got {th.numel()}")
-        was_training = self.training
-        self.eval()
-        try:
-            return self._forward_dynamic(x, th.tolist())
-        finally:
-            self.train(was_training)
+        # float32 values, as the buffer holds them, compared in Python (no tensor op per exit)
+        th_list = th.to(torch.float32).tolist()
+        with torch.inference_mode():
+            if not self.training:  # the usual case; switching modes walks every module (a cost at small batches)
+                return self._forward_dynamic(x, th_list)
+            self.eval()
+            try:
+                return self._forward_dynamic(x, th_list)
+            finally:
+                self.train()
 
     def _forward_dynamic(self, x: torch.Tensor, th: list[float]) -> DynamicOutput:
-        n = x.shape[0]
+        n, last = x.shape[0], len(self.exits) - 1
+        exit_index = torch.full((n,), last, dtype=torch.long, device=x.device)
         out_logits = None
-        exit_index = torch.full((n,), len(self.exits) - 1, dtype=torch.long, device=x.device)
-        alive = torch.arange(n, device=x.device)
+        alive = None  # indices (into x) of the samples still in flight; None: all of them, in order
         tokens = self.embed(x)
-        last = len(self.exits) - 1
-        for s in range(len(self.exits)):
+        for s in range(last + 1):
             tokens = self.run_stage(tokens, s)
             if s < last and th[s] > MAX_CONFIDENCE:  # nobody can leave here: don't pay for the head
                 continue
             logits = self.exit_logits(tokens, s)
-            if out_logits is None:
-                out_logits = logits.new_zeros((n, logits.shape[-1]))
             if s == last:
-                out_logits[alive] = logits
+                if out_logits is None:  # every sample went the whole way: nothing to scatter
+                    return DynamicOutput(logits, exit_index)
+                out_logits.index_copy_(0, alive, logits)  # alive is set once anyone has left
                 break
-            leave = confidence_score(logits, self.confidence) >= th[s]
-            if leave.any():
-                out_logits[alive[leave]] = logits[leave]
-                exit_index[alive[leave]] = s
-                stay = ~leave
-                alive, tokens = alive[stay], tokens[stay]
-            if alive.numel() == 0:
+            stay = confidence_score(logits, self.confidence) < th[s]
+            kept = stay.nonzero().squeeze(1)  # one host sync per exit: how many go on
+            if kept.numel() == stay.numel():  # nobody leaves here
+                continue
+            if out_logits is None:
+                out_logits = logits.new_empty((n, logits.shape[-1]))
+            left = (~stay).nonzero().squeeze(1)
+            rows = left if alive is None else alive.index_select(0, left)
+            out_logits.index_copy_(0, rows, logits.index_select(0, left))
+            exit_index.index_fill_(0, rows, s)
+            if kept.numel() == 0:
                 break
+            alive = kept if alive is None else alive.index_select(0, kept)
+            tokens = tokens.index_select(0, kept)
         return DynamicOutput(out_logits, exit_index)
 
     def set_thresholds(self, thresholds) -> None:

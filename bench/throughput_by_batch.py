@@ -1,0 +1,214 @@
+"""Benchmark (issue 25): compacted dynamic inference against full depth at every batch size, next to its limit.
+
+For each task, the default run's Dyn-Adapter model (models/tasks/<task>/dyn, as `make repro` saved it) is
+calibrated exactly as the evaluate stage calibrates it (budget 0.5, evaluate.* settings, the threshold donor
+under the standard protocol). Then the first --images test images are streamed through it in batches of
+1, 4, 16, 64 and 256, once compacted (`forward_dynamic`) and once at full depth (`full_depth_forward`), timed
+interleaved in this one process (`compare_throughput`: dynamic, full, dynamic, full, ...; median of --repeats).
+
+The limit at MACs fraction f is 1/f, with f the MACs fraction those same images cost (their exits, from the
+stage cost table). Reported per batch size: images/s of both, their ratio, and the share of the limit
+(ratio x f); the issue asks for >= 0.8 at batch 1-64 and >= 0.9 at 256.
+
+With --profile, where the time goes at each batch size (embedding, stages, exit heads, the rest) for both paths.
+
+    .venv/bin/python bench/throughput_by_batch.py [--tasks size] [--images 512] [--repeats 5] [--profile]
+    .venv/bin/python bench/throughput_by_batch.py --tables   # BENCHMARKS.md §5's table from the result file
+
+Writes bench/results/throughput_by_batch.json. About 2 minutes for the whole suite on the 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dynadapter.adapt import CALIBRATION_DIR, evaluate_task, load_task_for, load_trained, to_model_input
+from dynadapter.config import load_params
+from dynadapter.inference import compare_throughput, full_depth_forward, measure_stage_costs
+from dynadapter.train.pretrain import backbone_checkpoint
+from pipelines.evaluate import guarantee_kwargs
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "throughput_by_batch.json"
+BATCHES = [1, 4, 16, 64, 256]
+TARGET = {1: 0.8, 4: 0.8, 16: 0.8, 64: 0.8, 256: 0.9}
+
+
+def calibrated_model(params, task: str):
+    """The task's Dyn-Adapter model merged and holding the thresholds evaluate gives it at base.budget, with the
+    task's test images (normalised float)."""
+    base = params.base
+    checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
+    saved = Path(base.paths.models) / "tasks" / task / "dyn"
+    model = load_trained(saved, checkpoint)[0]
+    donor = load_trained(saved / CALIBRATION_DIR, checkpoint)[0] if (saved / CALIBRATION_DIR).is_dir() else None
+    data = load_task_for(base, task, splits=("val", "test"))
+    evaluate_task(model, data, budget=base.budget, calibration=params.evaluate.calibration, calibration_model=donor,
+                  **guarantee_kwargs(params.evaluate))
+    return model, to_model_input(data.test[0], None, data.norm)
+
+
+def macs_fraction(model, x: torch.Tensor) -> float:
+    """What these images cost under the model's thresholds, as a fraction of full-depth MACs."""
+    costs = measure_stage_costs(model)
+    cum = torch.tensor(costs.cumulative(model.thresholds.tolist()), dtype=torch.float64)
+    exits = torch.cat([model.forward_dynamic(c).exit_index for c in x.split(256)])
+    return float(cum[exits].mean() / costs.full_depth_baseline())
+
+
+def streamed(fn, batch: int):
+    """`fn` over the images in chunks of `batch`: one call of the timed function is the whole stream."""
+    def run(x: torch.Tensor) -> None:
+        for chunk in x.split(batch):
+            fn(chunk)
+    return run
+
+
+def by_batch(model, x: torch.Tensor, repeats: int) -> list[dict]:
+    rows = []
+    f = macs_fraction(model, x)
+    for batch in BATCHES:
+        ips = compare_throughput({"dynamic": streamed(model.forward_dynamic, batch),
+                                  "full": streamed(lambda c: full_depth_forward(model, c), batch)},
+                                 x, repeats=repeats, warmup=1)
+        ratio = ips["dynamic"] / ips["full"]
+        rows.append({"batch": batch, "dynamic_images_per_s": ips["dynamic"], "full_images_per_s": ips["full"],
+                     "ratio": ratio, "macs_fraction": f, "limit": 1 / f, "share_of_limit": ratio * f})
+    return rows
+
+
+def profile(model, x: torch.Tensor) -> list[dict]:
+    """Seconds per image spent in the embedding, the stages, the exit heads and elsewhere (the rest: confidence,
+    compaction, Python), for both paths, from torch.profiler's record_function ranges."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    parts = {"embed": model.embed, "run_stage": model.run_stage, "exit_logits": model.exit_logits}
+    for name, fn in parts.items():
+        setattr(model, name, (lambda f, n: lambda *a: _ranged(record_function, n, f, *a))(fn, name))
+    out = []
+    try:
+        for batch in BATCHES:
+            row = {"batch": batch}
+            for path, fn in (("dynamic", model.forward_dynamic), ("full", lambda c: full_depth_forward(model, c))):
+                run = streamed(fn, batch)
+                with torch.no_grad():
+                    run(x)
+                    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                        with record_function("total"):
+                            run(x)
+                spent = {e.key: e.cpu_time_total / 1e6 / x.shape[0] for e in prof.key_averages()
+                         if e.key in ("total", *parts)}
+                spent["rest"] = spent["total"] - sum(spent.get(k, 0.0) for k in parts)
+                row[path] = {k: spent.get(k, 0.0) for k in ("total", *parts, "rest")}
+            out.append(row)
+    finally:
+        for name in parts:
+            delattr(model, name)  # back to the class's methods
+    return out
+
+
+STAGE_IMAGES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def stage_seconds(model, x: torch.Tensor, repeats: int = 5, calls: int = 20) -> list[dict]:
+    """One stage (the second: what survivors of the first exit run) timed on n images in flight: the time a
+    compacted stage costs when few images go on (median of `repeats` runs of `calls` calls)."""
+    with torch.inference_mode():
+        tokens = model.embed(x[: max(STAGE_IMAGES)])
+        rows = []
+        for n in STAGE_IMAGES:
+            t = tokens[:n].contiguous()
+            model.run_stage(t, 1)
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    model.run_stage(t, 1)
+                runs.append((time.perf_counter() - start) / calls)
+            rows.append({"images": n, "seconds": statistics.median(runs)})
+    return rows
+
+
+def _ranged(record_function, name, fn, *args):
+    with record_function(name):
+        return fn(*args)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"`{result['command']}` ({result['threads']} threads, {result['images']} test images per task, "
+             f"median of {result['repeats']} interleaved repeats)", "",
+             "| batch | dynamic img/s | full depth img/s | ratio | limit 1/f | share of the limit | target | "
+             "tasks at target |", "|---|---|---|---|---|---|---|---|"]
+    tasks = result["tasks"]
+    for i, batch in enumerate(BATCHES):
+        rows = [result["per_task"][t][i] for t in tasks]
+        mean = lambda k: statistics.mean(r[k] for r in rows)  # noqa: E731
+        hit = sum(r["share_of_limit"] >= TARGET[batch] for r in rows)
+        lines.append(f"| {batch} | {mean('dynamic_images_per_s'):.0f} | {mean('full_images_per_s'):.0f} | "
+                     f"{mean('ratio'):.2f}× | {mean('limit'):.2f}× | {mean('share_of_limit'):.2f} | "
+                     f"{TARGET[batch]:.1f} | {hit} of {len(rows)} |")
+    if result.get("profile"):
+        lines += ["", f"Where the time goes ({result['profile_task']}, µs per image):", "",
+                  "| batch | path | total | embed | stages | exit heads | rest |", "|---|---|---|---|---|---|---|"]
+        for row in result["profile"]:
+            for path in ("dynamic", "full"):
+                p = row[path]
+                lines.append(f"| {row['batch']} | {path} | {1e6 * p['total']:.0f} | {1e6 * p['embed']:.0f} | "
+                             f"{1e6 * p['run_stage']:.0f} | {1e6 * p['exit_logits']:.0f} | {1e6 * p['rest']:.0f} |")
+    if result.get("stage_seconds"):
+        rows = result["stage_seconds"]
+        lines += ["", "One stage (3 blocks) by images in flight: µs per call, and per image", "",
+                  "| images | " + " | ".join(str(r["images"]) for r in rows) + " |",
+                  "|---|" + "---|" * len(rows),
+                  "| µs per call | " + " | ".join(f"{1e6 * r['seconds']:.0f}" for r in rows) + " |",
+                  "| µs per image | " + " | ".join(f"{1e6 * r['seconds'] / r['images']:.0f}" for r in rows) + " |"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--tasks", default=None, help="comma-separated (default: base.tasks)")
+    ap.add_argument("--images", type=int, default=512, help="test images streamed per task and batch size")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--profile", action="store_true", help="also break the time down (first task)")
+    ap.add_argument("--tables", action="store_true", help="print BENCHMARKS.md's table from the result file")
+    args = ap.parse_args(argv)
+    if args.tables:
+        print(markdown(json.loads(OUT.read_text())))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = load_params(args.params)
+    tasks = args.tasks.split(",") if args.tasks else params.base.tasks
+    result = {"command": ".venv/bin/python bench/throughput_by_batch.py " + " ".join(argv if argv is not None
+                                                                                      else sys.argv[1:]),
+              "threads": torch.get_num_threads(), "images": args.images, "repeats": args.repeats, "tasks": tasks,
+              "per_task": {}}
+    start = time.perf_counter()
+    for task in tasks:
+        model, x = calibrated_model(params, task)
+        x = x[: args.images]
+        result["per_task"][task] = by_batch(model, x, args.repeats)
+        print(f"{task}: " + ", ".join(f"b{r['batch']} {r['share_of_limit']:.2f}" for r in result["per_task"][task])
+              + f" of the limit ({time.perf_counter() - start:.0f} s)", flush=True)
+        if args.profile and task == tasks[0]:
+            result["profile_task"], result["profile"] = task, profile(model, x)
+            result["stage_seconds"] = stage_seconds(model, x)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

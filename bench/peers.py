@@ -75,7 +75,9 @@ class Method:
     note: str = ""
 
 
-def all_methods(exits: list[int]) -> list[Method]:
+def all_methods(exits: list[int], ablation_petl: str = "adapter") -> list[Method]:
+    """Every method; the ablations remove one component from Dyn-Adapter with `ablation_petl` (the Adapter for
+    BENCHMARKS §3's first table; --ablation-petl rep_adapter for the default's)."""
     out = [Method(BASELINE, "full", "static", ("base.model.petl.method=adapter",))]
     for petl in ("adapter", "lora", "rep_adapter"):
         out.append(Method(f"dyn_{petl}", "dyn", "dyn", (f"base.model.petl.method={petl}",)))
@@ -89,13 +91,16 @@ def all_methods(exits: list[int]) -> list[Method]:
         Method("full_finetune", "finetune", "static", ("base.model.petl.method=full_finetune",),
                note="lr = train.lr / 10"),
     ]
-    ablations = {  # dyn_adapter (Adapter, whatever params.yaml's PETL method) without one component
+    ablations = {  # Dyn-Adapter with ablation_petl (whatever params.yaml's PETL method) without one component
         "abl_no_balanced_heads": ("base.model.heads.balanced=false",),
+        # balanced heads a quarter as wide (D/2, D/4, D/8 for 2D, D, D/2): fewer trainable parameters
+        "abl_small_heads": ("base.model.heads.width=0.25",),
         "abl_no_priority": ("train.priority.pattern=flat", "train.priority.start=null", "train.priority.end=null"),
         "abl_no_forward_sparsity": ("train.sparsity.forward=false",),
         "abl_no_backward_sparsity": ("train.sparsity.backward=false",),
     }
-    out += [Method(name, "ablation", "dyn", ("base.model.petl.method=adapter", *o)) for name, o in ablations.items()]
+    out += [Method(name, "ablation", "dyn", (f"base.model.petl.method={ablation_petl}", *o))
+            for name, o in ablations.items()]
     return out
 
 
@@ -396,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/peers"))
     ap.add_argument("--experiment", default="dynadapter-peers", help="MLflow experiment ('' = do not log)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached results in --out/runs")
+    ap.add_argument("--ablation-petl", default="adapter",
+                    help="the PETL module of the abl_* methods (adapter: BENCHMARKS §3's first table)")
     ap.add_argument("--dyn-method", default=None,
                     help="the Dyn-Adapter of the frontier and the budget target (default: dyn_<base.model.petl.method>)")
     args = ap.parse_args(argv)
@@ -415,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     from dynadapter.models import create_backbone, resolve_exits
 
     exits = resolve_exits(base.model, len(create_backbone(base.backbone).blocks))
-    methods = all_methods(exits)
+    methods = all_methods(exits, args.ablation_petl)
     if args.methods:
         wanted = set(args.methods.split(",")) | {BASELINE}
         unknown = wanted - {m.name for m in methods}

@@ -118,23 +118,56 @@ def profile(model, x: torch.Tensor) -> list[dict]:
 STAGE_IMAGES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
+def _timed(fn, arg, repeats: int, calls: int) -> float:
+    fn(arg)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(arg)
+        runs.append((time.perf_counter() - start) / calls)
+    return statistics.median(runs)
+
+
 def stage_seconds(model, x: torch.Tensor, repeats: int = 5, calls: int = 20) -> list[dict]:
-    """One stage (the second: what survivors of the first exit run) timed on n images in flight: the time a
-    compacted stage costs when few images go on (median of `repeats` runs of `calls` calls)."""
+    """The embedding and one stage (the second: what survivors of the first exit run; every stage is 3 equal
+    blocks) timed on n images in flight: what a compacted stage costs when few images go on (median of
+    `repeats` runs of `calls` calls)."""
     with torch.inference_mode():
         tokens = model.embed(x[: max(STAGE_IMAGES)])
-        rows = []
-        for n in STAGE_IMAGES:
-            t = tokens[:n].contiguous()
-            model.run_stage(t, 1)
-            runs = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    model.run_stage(t, 1)
-                runs.append((time.perf_counter() - start) / calls)
-            rows.append({"images": n, "seconds": statistics.median(runs)})
-    return rows
+        return [{"images": n, "seconds": _timed(lambda t: model.run_stage(t, 1), tokens[:n].contiguous(), repeats, calls),
+                 "embed_seconds": _timed(model.embed, x[:n].contiguous(), repeats, calls)} for n in STAGE_IMAGES]
+
+
+def _at(rows: list[dict], key: str, n: int) -> float:
+    """`key` at n images, linear between the measured sizes."""
+    sizes = [r["images"] for r in rows]
+    hi = next(i for i, size in enumerate(sizes) if size >= n)
+    if sizes[hi] == n or hi == 0:
+        return rows[hi][key] * n / sizes[hi]
+    lo = hi - 1
+    w = (n - sizes[lo]) / (sizes[hi] - sizes[lo])
+    return rows[lo][key] * (1 - w) + rows[hi][key] * w
+
+
+def stage_bound(model, x: torch.Tensor, rows: list[dict]) -> list[dict]:
+    """What any compaction could reach with these kernels: per call of B images, the embedding at B and each
+    stage at the number of images still in flight there (its measured time, `stage_seconds`), and nothing
+    else (no exit head, confidence or gather); full depth: the embedding and every stage at B. The ratio of the
+    two is the batch size's real limit, below 1/f wherever a stage costs more per image for fewer images."""
+    with torch.inference_mode():
+        exits = torch.cat([model.forward_dynamic(c).exit_index for c in x.split(256)])
+    stages = len(model.exits)
+    out = []
+    for batch in BATCHES:
+        dyn = full = 0.0
+        for chunk in exits.split(batch):
+            b = chunk.numel()
+            embed = _at(rows, "embed_seconds", b)
+            full += embed + stages * _at(rows, "seconds", b)
+            dyn += embed + sum(_at(rows, "seconds", n) for n in ((chunk >= s).sum().item() for s in range(stages)) if n)
+        out.append({"batch": batch, "ratio_bound": full / dyn})
+    return out
 
 
 def _ranged(record_function, name, fn, *args):
@@ -169,7 +202,17 @@ def markdown(result: dict) -> str:
                   "| images | " + " | ".join(str(r["images"]) for r in rows) + " |",
                   "|---|" + "---|" * len(rows),
                   "| µs per call | " + " | ".join(f"{1e6 * r['seconds']:.0f}" for r in rows) + " |",
-                  "| µs per image | " + " | ".join(f"{1e6 * r['seconds'] / r['images']:.0f}" for r in rows) + " |"]
+                  "| µs per image | " + " | ".join(f"{1e6 * r['seconds'] / r['images']:.0f}" for r in rows) + " |",
+                  "| embedding, µs per image | " + " | ".join(f"{1e6 * r['embed_seconds'] / r['images']:.0f}"
+                                                          for r in rows) + " |"]
+    if result.get("stage_bound"):
+        task = result["profile_task"]
+        lines += ["", f"The limit these kernels allow ({task}): embedding + each stage at the images still in flight, "
+                  "at their measured times, nothing else", "",
+                  "| batch | measured ratio | bound | limit 1/f | measured share | bound's share |", "|---|---|---|---|---|---|"]
+        for row, measured in zip(result["stage_bound"], result["per_task"][task]):
+            lines.append(f"| {row['batch']} | {measured['ratio']:.2f}× | {row['ratio_bound']:.2f}× | "
+                         f"{measured['limit']:.2f}× | {measured['share_of_limit']:.2f} | {row['share_bound']:.2f} |")
     return "\n".join(lines)
 
 
@@ -204,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile and task == tasks[0]:
             result["profile_task"], result["profile"] = task, profile(model, x)
             result["stage_seconds"] = stage_seconds(model, x)
+            result["stage_bound"] = stage_bound(model, x, result["stage_seconds"])
+            f = result["per_task"][task][0]["macs_fraction"]
+            for row in result["stage_bound"]:
+                row["share_bound"] = row["ratio_bound"] * f
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))

@@ -88,6 +88,9 @@ class HeadsConfig(Section):
         "(2*D, D, D/2, then 0 for the last exit).",
     )
     balanced: bool = Field(True, description="False: every head is the light LN + Linear head (ablation).")
+    width: float = Field(
+        1.0, gt=0, le=4, description="Scales the balanced default's hidden widths (1.0: 2*D, D, D/2; 0.25: D/2, "
+        "D/4, D/8): fewer trainable parameters in the heads. Not read when `hidden` is given.")
 
     @field_validator("hidden")
     @classmethod
@@ -431,6 +434,20 @@ class TuneConfig(Section):
         0.5, gt=0, le=1, description="FLOPs budget the trials are scored at (val accuracy after calibrating on "
         "val), a fraction of full depth. Its own key, not base.budget: changing the inference budget must not "
         "retune and retrain; retuning for another budget is a deliberate change of this key.")
+    objective: Literal["budget", "curve"] = Field(
+        "curve", description="What the search maximises, on val, as the mean over the tune tasks: `curve`, the "
+        "mean val accuracy over curve_budgets (one trained model serves every budget; metric val_curve_acc), or "
+        "`budget`, the val accuracy at tune.budget only (val_budget_acc). Both are reported every epoch.")
+    curve_budgets: list[float] = Field(
+        [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], description="Budgets (fractions of full depth) the `curve` "
+        "objective averages val accuracy over, each after calibrating thresholds on val for it.")
+    searcher: Literal["random", "tpe"] = Field(
+        "random", description="How trials are drawn: `random` (Ray's BasicVariantGenerator) or `tpe` (Optuna's "
+        "Tree-structured Parzen Estimator through ray.tune.search.optuna, its first startup_trials random). "
+        "Either way ASHA stops weak trials early.")
+    startup_trials: int = Field(
+        3, gt=0, description="tpe only: trials drawn at random before the model proposes (Optuna's own default, "
+        "10, would make a small sweep all random).")
     tasks: list[str] | None = Field(
         None, description="Tasks to tune on (a subset of base.tasks); the metric is their mean. null: all.")
     max_failures: int = Field(
@@ -443,6 +460,13 @@ class TuneConfig(Section):
     search_space: SearchSpaceConfig = SearchSpaceConfig()
     ray: RayConfig = RayConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @field_validator("curve_budgets")
+    @classmethod
+    def _budgets(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < b <= 1 for b in v):
+            raise ValueError(f"curve_budgets must be fractions of full depth in (0, 1], at least one; got {v}")
+        return sorted(set(v))
 
     @field_validator("tasks")
     @classmethod

@@ -9,7 +9,7 @@ import contextlib
 import copy
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from dynadapter.config import DeepSpeedConfig, TrainConfig
 from dynadapter.devices import to_host, worker_device
 
 METRIC = "val_budget_acc"  # mean over tune tasks of val accuracy at tune.budget, thresholds calibrated on val
+CURVE_METRIC = "val_curve_acc"  # ... of the mean val accuracy over tune.curve_budgets, each calibrated on val
+OBJECTIVES = {"budget": METRIC, "curve": CURVE_METRIC}  # tune.objective -> the metric the search maximises
 
 
 @dataclass
@@ -32,6 +34,7 @@ class TrialSpec:
     budget: float
     seed: int
     tasks: list[str]
+    curve_budgets: list[float] = field(default_factory=lambda: [1.0])  # CURVE_METRIC's budgets
     record_masks: bool = False  # keep a digest of every step's gradient masks in the state (equivalence checks)
     gpus_key: str = "tune.ray.gpus_per_worker"  # the params key a GPU worker that asked for none is told to set
 
@@ -55,7 +58,7 @@ class TaskRun:
 
         self.task, self.data, self.rank, self.world_size = task, data, rank, world_size
         self.cfg = TrainConfig.model_validate(spec.train)
-        self.budget = spec.budget
+        self.budget, self.curve_budgets = spec.budget, list(spec.curve_budgets)
         backbone_cfg = BackboneConfig.model_validate(spec.backbone)
         torch.manual_seed(spec.seed)  # same initial heads/PETL weights in every trial and on every rank
         backbone = create_backbone(backbone_cfg)
@@ -99,16 +102,20 @@ class TaskRun:
 
     @torch.no_grad()
     def score(self) -> dict[str, Any]:
-        """Calibrate exit thresholds on val at the budget: the val accuracy they reach is the trial metric."""
-        from dynadapter.inference import calibrate, collect_exit_logits
+        """Calibrate exit thresholds on val at the budget, and at each curve budget: the val accuracies they
+        reach are the trial metrics (METRIC at tune.budget, CURVE_METRIC their mean over the curve)."""
+        from dynadapter.inference import calibrate, collect_exit_logits, curve_accuracy
 
         x, y = self.data.val
         logits = to_host(collect_exit_logits(self.model, x))  # calibration runs on the CPU
         cal = calibrate(val_logits=logits, val_labels=y, costs=self.costs, budget_fraction=self.budget,
                         confidence=self.model.confidence)
+        curve = curve_accuracy(val_logits=logits, val_labels=y, costs=self.costs, budgets=self.curve_budgets,
+                               confidence=self.model.confidence)
         per_exit = [float((lg.argmax(-1) == y).float().mean()) for lg in logits]
-        return {METRIC: cal.val_accuracy, "val_budget_fraction": cal.fraction, "val_budget_feasible": cal.feasible,
-                "val_acc_mean": sum(per_exit) / len(per_exit), "val_acc_last": per_exit[-1]}
+        return {METRIC: cal.val_accuracy, CURVE_METRIC: curve, "val_budget_fraction": cal.fraction,
+                "val_budget_feasible": cal.feasible, "val_acc_mean": sum(per_exit) / len(per_exit),
+                "val_acc_last": per_exit[-1]}
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "model": self.strategy.weights(), "strategy": self.strategy.state_dict(),
@@ -163,7 +170,8 @@ class TrialTrainer:
             train = run.train_epoch()
             per_task[run.task] = {"train_loss": train["train_loss"], "step_seconds": train["seconds"] /
                                   max(1, train["steps"]), **run.score()}
-        keys = ("train_loss", METRIC, "val_budget_fraction", "val_acc_mean", "val_acc_last", "step_seconds")
+        keys = ("train_loss", METRIC, CURVE_METRIC, "val_budget_fraction", "val_acc_mean", "val_acc_last",
+                "step_seconds")
         metrics: dict[str, Any] = {"epoch": self.epoch}
         metrics.update({k: sum(float(m[k]) for m in per_task.values()) / len(per_task) for k in keys})
         metrics.update({f"{METRIC}_{t}": float(m[METRIC]) for t, m in per_task.items()})

@@ -20,13 +20,18 @@ import yaml
 from dynadapter.config import Params, RayConfig, TrainConfig, TuneConfig
 from dynadapter.distributed import how_many_fit
 from dynadapter.ray_session import check_shared_storage, init_ray, storage_uri
-from dynadapter.trial import METRIC, TrialSpec, train_worker
+from dynadapter.trial import CURVE_METRIC, METRIC, OBJECTIVES, TrialSpec, train_worker
 
-__all__ = ["METRIC", "TrialSpec", "init_ray"]  # re-exported: the names users and tests import from here
+__all__ = ["CURVE_METRIC", "METRIC", "TrialSpec", "init_ray", "objective_metric"]  # re-exported: the names users and tests import from here
 
 STOPPED = "stopped"  # in a trial's last result: why it stopped without finishing (its loss went non-finite)
 MODE = "max"
 TRAINABLE_CPU = 0.01  # the trial's driver function only waits on its TorchTrainer (Ray rejects 0)
+
+
+def objective_metric(cfg: TuneConfig) -> str:
+    """The reported metric the search maximises (tune.objective): METRIC or CURVE_METRIC."""
+    return OBJECTIVES[cfg.objective]
 
 
 # ------------------------------------------------------------------------------------------ resources
@@ -188,7 +193,7 @@ def _run_trial(config: dict, *, static: dict) -> None:
             raise
         # A diverging loss is deterministic: Tune's retry would diverge again, as Ray Train's one did. End
         # the trial with the reason as its last result; its checkpoints, written before the bad step, stay.
-        tune.report({METRIC: float("nan"), STOPPED: reason})
+        tune.report({METRIC: float("nan"), CURVE_METRIC: float("nan"), STOPPED: reason})
 
 
 def _nonfinite_reason(err: BaseException) -> str | None:
@@ -285,7 +290,6 @@ def run_tune(
     """
     import ray
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from dynadapter.asha import ResumableASHA
     from dynadapter.models import create_backbone
@@ -294,6 +298,7 @@ def run_tune(
     if not ray.is_initialized():
         raise RuntimeError("run_tune needs a Ray session: call dynadapter.tune.init_ray() first")
     cfg = params.tune
+    metric = objective_metric(cfg)
     tasks = list(cfg.tasks or params.base.tasks)
     data = dict(data) if data is not None else load_tune_tasks(params, tasks)
     missing = [t for t in tasks if t not in data]
@@ -314,6 +319,7 @@ def run_tune(
         budget=cfg.budget,
         seed=params.base.seed,
         tasks=tasks,
+        curve_budgets=list(cfg.curve_budgets),
     )
     storage = storage_uri(storage_path)
     check_shared_storage(storage, "tune.storage")  # several nodes: each must see it, or trials lose checkpoints
@@ -336,10 +342,9 @@ def run_tune(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode=MODE, num_samples=cfg.num_samples,
+                metric=metric, mode=MODE, num_samples=cfg.num_samples,
                 reuse_actors=False,  # a stopped trial's actor must die, taking its Train controller with it
-                search_alg=BasicVariantGenerator(random_state=params.base.seed,
-                                                 max_concurrent=resources.max_concurrent),
+                search_alg=searcher(cfg, params.base.seed, resources.max_concurrent),
                 # ASHA whose rungs come back with the sweep on Tuner.restore (Ray's start empty, and a
                 # resumed trial's final score fell through to rung 1: issue 22.10, dynadapter/asha.py)
                 scheduler=ResumableASHA(time_attr="epoch", max_t=cfg.epochs,
@@ -350,10 +355,29 @@ def run_tune(
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
     results = tuner.fit()
-    return _outcome(results, params.train)
+    return _outcome(results, params.train, metric)
 
 
-HISTORY_KEYS = ("epoch", METRIC, "val_budget_fraction", "val_acc_mean", "val_acc_last", "train_loss", "step_seconds")
+def searcher(cfg: TuneConfig, seed: int, max_concurrent: int):
+    """tune.searcher as a Ray Tune search algorithm, seeded by base.seed, at most `max_concurrent` trials at
+    once: random draws (BasicVariantGenerator), or Optuna's TPE (multivariate, its first
+    tune.startup_trials at random). Tune saves either with the experiment, so a resumed sweep goes on
+    drawing where it stopped."""
+    if cfg.searcher == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials, multivariate=True)
+    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=max_concurrent)
+
+
+HISTORY_KEYS = ("epoch", METRIC, CURVE_METRIC, "val_budget_fraction", "val_acc_mean", "val_acc_last", "train_loss",
+                "step_seconds")
 
 
 def _history(df) -> list[dict[str, float]]:
@@ -380,7 +404,7 @@ def _reports(df, saved: list[dict[str, Any]]):
     return pd.concat([per_epoch, tail], ignore_index=True, sort=False)  # a stopped trial's reason stays last
 
 
-def _outcome(results, train: TrainConfig) -> TuneOutcome:
+def _outcome(results, train: TrainConfig, metric: str = METRIC) -> TuneOutcome:
     from dynadapter.asha import saved_results
 
     saved = saved_results(str(results.experiment_path))
@@ -389,19 +413,20 @@ def _outcome(results, train: TrainConfig) -> TuneOutcome:
     for r in results:
         last = r.metrics or {}
         df = _reports(r.metrics_dataframe, saved.get(str(last.get("trial_id")), []))
-        has = df is not None and METRIC in getattr(df, "columns", [])
+        has = df is not None and metric in getattr(df, "columns", [])
         config = {k: v for k, v in (r.config or {}).items()}
         stopped = last.get(STOPPED) if isinstance(last.get(STOPPED), str) else None
-        if stopped and has and df[METRIC].notna().any():  # figures of its last epoch, before it stopped
-            last = {**df[df[METRIC].notna()].iloc[-1].to_dict(), "trial_id": last.get("trial_id")}
+        if stopped and has and df[metric].notna().any():  # figures of its last epoch, before it stopped
+            last = {**df[df[metric].notna()].iloc[-1].to_dict(), "trial_id": last.get("trial_id")}
         elif has and "epoch" in df.columns and df["epoch"].notna().any():
             latest = df[df["epoch"].notna()].iloc[-1]  # Tune's last result may be older than the saved ones
             if float(latest["epoch"]) > float(last.get("epoch", 0) or 0):
                 last = {**last, **latest.dropna().to_dict()}
         rows.append({
             "trial_id": last.get("trial_id"),
-            METRIC: float(df[METRIC].max()) if has else float("nan"),
-            f"{METRIC}_last": float(last[METRIC]) if METRIC in last else float("nan"),
+            **{key: float(df[key].max()) if has and key in df.columns else float("nan")
+               for key in dict.fromkeys((metric, METRIC, CURVE_METRIC))},
+            f"{metric}_last": float(last[metric]) if metric in last else float("nan"),
             "epochs": int(last.get("epoch", 0)),
             "resumed_from": int(last.get("resumed_from", 0)),
             "val_acc_mean": float(last["val_acc_mean"]) if "val_acc_mean" in last else float("nan"),
@@ -414,15 +439,15 @@ def _outcome(results, train: TrainConfig) -> TuneOutcome:
         histories[str(last.get("trial_id"))] = _history(df)
     # Only trials that ended without error compete: a trial that diverged or crashed for good may have
     # scored well before it did, but its settings do not train.
-    scored = [row for row in rows if row["error"] is None and not math.isnan(row[METRIC])]
+    scored = [row for row in rows if row["error"] is None and not math.isnan(row[metric])]
     if not scored:
         errors = "; ".join(str(row["error"]) for row in rows)
-        raise RuntimeError(f"no tune trial finished with a {METRIC}: {errors}")
-    best_row = max(scored, key=lambda row: row[METRIC])  # the first on ties
+        raise RuntimeError(f"no tune trial finished with a {metric}: {errors}")
+    best_row = max(scored, key=lambda row: row[metric])  # the first on ties
     best = next(r for r in results if r.path == best_row["path"])
     return TuneOutcome(
-        metric=METRIC,
-        best_metric=best_row[METRIC],
+        metric=metric,
+        best_metric=best_row[metric],
         best_overrides=overrides_from(best.config, train),
         best_config=dict(best.config),
         best_trial=str(best_row["trial_id"]),

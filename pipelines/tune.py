@@ -17,9 +17,11 @@ Each trial trains base.model on the tune tasks (tune.tasks, default base.tasks) 
 `train` section plus the trial's sampled values (sparsity ratios p_max, p_min, q; per-exit loss weights at
 the start and end of training; optionally lr). A trial is a Ray Train TorchTrainer whose workers train through
 a DeepSpeed engine (tune.deepspeed: ZeRO stage and precision; NCCL + bf16 on CUDA, gloo + fp32 on CPU).
-The metric, reported every epoch, is the mean over tasks of val accuracy at tune.budget (its own key, so that
-changing the inference budget base.budget never retunes) after calibrating the exit thresholds on val; test is
-never read. ASHA stops weak trials early.
+Two metrics are reported every epoch, both means over the tune tasks, after calibrating the exit thresholds on
+val (test is never read): val_curve_acc, the mean val accuracy over tune.curve_budgets (one trained model serves
+every budget), and val_budget_acc, the val accuracy at tune.budget (its own key, so that changing the inference
+budget base.budget never retunes). tune.objective says which one the search maximises. tune.searcher draws the
+trials: random, or Optuna's TPE (model-based). ASHA stops weak trials early.
 
 Ray: tune.ray.address, else $RAY_ADDRESS, else a local Ray on this machine's CPUs. Trial checkpoints live in
 tune.storage (default <paths.models>/checkpoints/tune): an interrupted stage, rerun with the same params,
@@ -30,6 +32,7 @@ Outputs in <paths.outputs>/tune/: best_params.yaml (dotted train.* keys the trai
 
 SECTIONS = ["base", "train", "tune"]
 TRIAL_TAG = "dynadapter.trial_id"  # on each trial's nested MLflow run
+OTHER_METRICS = ("val_budget_acc", "val_curve_acc")  # a trial's run records both, whichever the search maximised
 
 
 # Where and how the sweep runs, not what it computes: moving storage, joining another cluster or giving trials
@@ -68,7 +71,8 @@ def log_trials(parent, outcome, tasks: list[str]) -> None:
         with task_run(parent, ",".join(tasks), stage="tune", params=overrides, tags=tags,
                       run_name=f"tune-{trial}") as run:
             log_history(run, outcome.histories.get(trial, []))
-            log_metrics(run, {k: row[k] for k in (outcome.metric, "epochs", "resumed_from")})
+            log_metrics(run, {k: row[k] for k in (outcome.metric, *OTHER_METRICS, "epochs", "resumed_from")
+                              if k in row})
         for run_id in earlier.get(trial, []):
             parent.client.delete_run(run_id)
 
@@ -119,6 +123,8 @@ def run(params: Params, parent=None) -> dict:
     errored = sum(1 for r in outcome.trials if r.get("error"))
     metrics = {
         "best_" + outcome.metric: outcome.best_metric,
+        "objective": cfg.objective,
+        "searcher": cfg.searcher,
         "best_trial": outcome.best_trial,
         "trials": len(outcome.trials),
         "trials_errored": errored,

@@ -184,6 +184,13 @@ def test_each_ablation_removes_its_component_from_the_tuned_configuration(tmp_pa
     assert not cfg["abl_no_balanced_heads"][1].heads.balanced and cfg["dyn_adapter"][1].heads.balanced
     for name in ("abl_no_forward_sparsity", "abl_no_backward_sparsity", "abl_no_balanced_heads"):
         assert cfg[name][2].priority == cfg["dyn_adapter"][2].priority  # the tuned pattern stays
+    small = peers.method_configs(methods["abl_small_heads"], "params.yaml", best)
+    assert small[1].heads.width == 0.25 and small[1].heads.balanced and small[2] == cfg["dyn_adapter"][2]
+    # --ablation-petl: the same ablations of the default PETL module
+    rep = {m.name: m for m in peers.all_methods([3, 6, 9, 12], "rep_adapter")}
+    for name in ("abl_no_priority", "abl_small_heads", "abl_no_balanced_heads"):
+        assert peers.method_configs(rep[name], "params.yaml", best)[1].petl.method == "rep_adapter"
+        assert cfg[name if name != "abl_small_heads" else "dyn_adapter"][1].petl.method == "adapter"
 
 
 def test_frontier_picks_each_familys_operating_point_on_val_not_test():

@@ -441,3 +441,21 @@ def test_compare_modes_needs_four_samples():
     assert report["path"]["fraction"] == 1.0
     with pytest.raises(ValueError, match="at least 4 validation samples, got 3"):
         compare_modes(val_logits=logits[:, :3], val_labels=labels[:3], costs=costs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_curve_accuracy_is_the_mean_of_each_budgets_calibrated_val_accuracy(mode):
+    """The tune stage's `curve` objective: one model, scored over the budgets it will serve."""
+    from dynadapter.inference import curve_accuracy
+
+    logits, labels, costs = random_problem(3)
+    budgets = [0.4, 0.6, 0.8, 1.0]
+    each = [calibrate(val_logits=logits, val_labels=labels, costs=costs, budget_fraction=b, mode=mode).val_accuracy
+            for b in budgets]
+    got = curve_accuracy(val_logits=logits, val_labels=labels, costs=costs, budgets=budgets, mode=mode)
+    assert got == pytest.approx(sum(each) / len(each), abs=1e-12)
+    assert len(set(each)) > 1  # the budgets really differ: the mean is not one point's accuracy
+    last_exit = float((logits[-1].argmax(-1) == labels).float().mean())
+    assert curve_accuracy(val_logits=logits, val_labels=labels, costs=costs, budgets=[1.0], mode=mode) >= last_exit - 1e-6
+    with pytest.raises(ValueError, match="at least one budget"):
+        curve_accuracy(val_logits=logits, val_labels=labels, costs=costs, budgets=[])

@@ -33,7 +33,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_noop(project):
     shown = dvc(["metrics", "show", "--json"], project)
     assert shown.returncode == 0, shown.stderr
     assert "dyn_test_accuracy" in shown.stdout and "upstream_val_accuracy" in shown.stdout
-    assert "best_val_budget_acc" in shown.stdout
+    assert "best_val_curve_acc" in shown.stdout
     decisions = json.loads((project / "outputs/register/decisions.json").read_text())
     assert all(d["promoted"] for d in decisions.values())
 

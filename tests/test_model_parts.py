@@ -46,6 +46,22 @@ def test_balanced_head_widths_halve_per_exit(num_exits, dim, num_classes, expect
     assert head_widths(ModelConfig(), num_exits, dim, num_classes) == expected
 
 
+def test_heads_width_scales_the_balanced_widths_and_their_parameters():
+    """base.model.heads.width: 0.25 gives D/2, D/4, D/8 for D = 64 (the default backbone) and about a quarter
+    of the balanced heads' parameters; hidden lists and balanced: false still win."""
+    quarter = ModelConfig.model_validate({"heads": {"width": 0.25}})
+    assert head_widths(quarter, 4, 64, 6) == [32, 16, 8, 0]
+    assert head_widths(quarter, 4, 64, 10) == [32, 16, 0, 0]  # 8 * (64 + 10) < 64 * 10: the LN + Linear rule
+    assert head_widths(ModelConfig.model_validate({"heads": {"width": 0.25, "hidden": [5, 4, 3, 0]}}), 4, 64) == [5, 4, 3, 0]
+    assert head_widths(ModelConfig.model_validate({"heads": {"width": 0.25, "balanced": False}}), 4, 64) == [0] * 4
+    params = {w: sum(sum(p.numel() for p in ExitHead(64, 6, h).parameters())
+                     for h in head_widths(ModelConfig.model_validate({"heads": {"width": w}}), 4, 64, 6))
+              for w in (1.0, 0.25)}
+    assert 0.25 < params[0.25] / params[1.0] < 0.35
+    with pytest.raises(ValueError):
+        ModelConfig.model_validate({"heads": {"width": 0}})
+
+
 def test_the_factory_sizes_heads_for_the_real_class_count():
     model = tiny_model("adapter", num_classes=100)  # D = 32, four exits
     assert [h.hidden for h in model.heads] == [64, 32, 0, 0]

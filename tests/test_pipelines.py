@@ -169,9 +169,11 @@ def test_tune_writes_best_params_that_train_applies(pipeline_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["trials"] == 2
     rows = list(csv.DictReader(io.StringIO((out / "trials.csv").read_text())))
-    scored = [float(r["val_budget_acc"]) for r in rows if not r.get("error")]  # trials that ended without error
-    assert metrics["best_val_budget_acc"] == pytest.approx(max(scored))
-    assert is_share(metrics["best_val_budget_acc"], 24)  # val accuracy of the one tune task (24 val images)
+    scored = [float(r["val_curve_acc"]) for r in rows if not r.get("error")]  # trials that ended without error
+    assert metrics["objective"] == "curve" and metrics["best_val_curve_acc"] == pytest.approx(max(scored))
+    # the mean over the 7 curve budgets of val accuracies of the one tune task (24 val images)
+    assert is_share(metrics["best_val_curve_acc"], 7 * 24)
+    assert all(is_share(float(r["val_budget_acc"]), 24) for r in rows if not r.get("error"))
     # the train stage ran with the tuned values
     resolved = yaml.safe_load((root / "outputs/train/train_config.yaml").read_text())["train"]
     assert resolved["sparsity"]["p_max"] == pytest.approx(best["train.sparsity.p_max"])
@@ -203,7 +205,7 @@ def test_mlflow_has_one_parent_with_nested_runs_per_trial_and_task(pipeline_run)
     assert len(by_stage["tune"]) == 2  # one per trial, recorded once
     assert len(by_stage["train"]) == 4 and len(by_stage["evaluate"]) == 4  # 2 tasks x (dyn, baseline)
     trial = by_stage["tune"][0]
-    assert "val_budget_acc" in trial.data.metrics and "train.sparsity.p_max" in trial.data.params
+    assert {"val_budget_acc", "val_curve_acc"} <= set(trial.data.metrics) and "train.sparsity.p_max" in trial.data.params
     dyn_eval = next(r for r in by_stage["evaluate"] if r.data.tags["dynadapter.variant"] == "dyn")
     per_task = json.loads((root / "outputs/evaluate/per_task.json").read_text())
     task = dyn_eval.data.tags["dynadapter.task"]

@@ -25,14 +25,17 @@ from dynadapter.models import build_model, resolve_exits
 from dynadapter.train import PrioritySchedule, fit, load_checkpoint, trainable_state
 from dynadapter.train.deepspeed import Placement, deepspeed_strategy, ds_config, resolve_placement
 from dynadapter.tune import (
+    CURVE_METRIC,
     METRIC,
     TRAINABLE_CPU,
     TuneTask,
     apply_overrides_to,
     overrides_from,
     plan_resources,
+    objective_metric,
     run_tune,
     search_space,
+    searcher,
     write_best_params,
 )
 
@@ -151,6 +154,10 @@ def test_deepspeed_bf16_on_cpu_trains_with_fp32_logits():
         ({"ray": {"cpus_per_worker": 0}}, "tune.ray.cpus_per_worker"),
         ({"ray": {"gpus": 1}}, "tune.ray.gpus"),
         ({"tasks": ["nope"]}, "tune.tasks"),
+        ({"searcher": "bohb"}, "tune.searcher"),
+        ({"objective": "area"}, "tune.objective"),
+        ({"curve_budgets": [0.5, 1.5]}, "tune.curve_budgets"),
+        ({"curve_budgets": []}, "tune.curve_budgets"),
     ],
 )
 def test_tune_config_errors_name_the_key(tune, key):
@@ -181,6 +188,47 @@ def test_params_yaml_has_a_valid_tune_section():
         weights = PrioritySchedule.from_config(cfg.priority, num_exits)
         assert len(weights.start) == num_exits and all(w >= 0 for w in weights.start + weights.end)
         assert cfg.sparsity.p_max == pytest.approx(sampled["p_max"]) and cfg.sparsity.q == pytest.approx(sampled["q"])
+
+
+def test_objective_names_the_metric_the_search_maximises():
+    assert objective_metric(parse_params({}).tune) == CURVE_METRIC  # the default: the curve one model serves
+    assert objective_metric(parse_params({"tune": {"objective": "budget"}}).tune) == METRIC
+    assert parse_params({"tune": {"curve_budgets": [1.0, 0.5, 0.5]}}).tune.curve_budgets == [0.5, 1.0]
+
+
+def _suggestions(cfg, seed: int, n: int) -> list[dict]:
+    """The first `n` configurations a searcher proposes over the project's space, each reported back with a
+    score that rewards small p_max (so a model-based searcher has something to learn)."""
+    alg = searcher(cfg, seed, max_concurrent=1)
+    space = search_space(cfg, num_exits=4)
+    assert alg.set_search_properties(METRIC, "max", space)
+    out = []
+    for i in range(n):
+        config = alg.suggest(f"t{i}")
+        out.append(config)
+        alg.on_trial_complete(f"t{i}", {METRIC: 1.0 - config["p_max"], "epoch": 1})
+    return out
+
+
+def test_tpe_searcher_is_optuna_seeded_by_base_seed_and_learns_after_its_startup_trials():
+    """tune.searcher: tpe is Optuna's TPE behind Ray's OptunaSearch (real Optuna): the same seed proposes the
+    same trials, another seed others; after startup_trials random draws it proposes from its model, here
+    the small p_max the scores reward."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg = parse_params({"tune": {"searcher": "tpe", "startup_trials": 3}}).tune
+    alg = searcher(cfg, 0, max_concurrent=2)
+    assert isinstance(alg, ConcurrencyLimiter) and isinstance(alg.searcher, OptunaSearch)
+    assert alg.max_concurrent == 2
+    assert isinstance(searcher(parse_params({}).tune, 0, 2), BasicVariantGenerator)
+    first = _suggestions(cfg, 0, 20)
+    assert first == _suggestions(cfg, 0, 20) and first != _suggestions(cfg, 1, 20)
+    assert {c["priority_pattern"] for c in first} <= {"shallow_first", "deep_first"}
+    startup = [c["p_max"] for c in first[:3]]
+    learned = [c["p_max"] for c in first[12:]]
+    assert np.mean(learned) < np.mean(startup) and np.mean(learned) < 0.1  # the range is [0, 0.4]
 
 
 def test_search_space_maps_to_valid_train_overrides():
@@ -334,7 +382,7 @@ def test_tune_runs_trials_with_train_workers_and_survives_a_crash(ray_session, t
     params = parse_params({
         "base": {"tasks": ["toy"], "backbone": {"overrides": TINY}},
         "train": {"batch_size": 16, "lr": 1e-2},
-        "tune": {"num_samples": 2, "epochs": 2, "max_failures": 1,
+        "tune": {"num_samples": 2, "epochs": 2, "max_failures": 1, "objective": "budget",
                  "scheduler": {"grace_period": 2},  # no early stop: both trials run both epochs
                  "ray": {"cpus_per_worker": 0.5}},  # 2 x (0.5 + 0.01) CPU: both trials at once on 2 cores
     })

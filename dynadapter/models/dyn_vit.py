@@ -129,6 +129,8 @@ class DynAdapterViT(nn.Module):
             kept = stay.nonzero().squeeze(1)  # one host sync per exit: how many go on
             if kept.numel() == stay.numel():  # nobody leaves here
                 continue
+            if kept.numel() == 0 and out_logits is None:  # the whole batch leaves together: nothing to scatter
+                return DynamicOutput(logits, exit_index.fill_(s))
             if out_logits is None:
                 out_logits = logits.new_empty((n, logits.shape[-1]))
             left = (~stay).nonzero().squeeze(1)

@@ -68,7 +68,7 @@ def head_widths(cfg: ModelConfig, num_exits: int, dim: int, num_classes: int | N
         if len(cfg.heads.hidden) != num_exits:
             raise ValueError(f"base.model.heads.hidden has {len(cfg.heads.hidden)} widths for {num_exits} exits")
         return list(cfg.heads.hidden)
-    return balanced_widths(num_exits, dim, num_classes)
+    return balanced_widths(num_exits, dim, num_classes, scale=cfg.heads.width)
 
 
 def build_model(

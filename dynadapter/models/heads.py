@@ -22,13 +22,14 @@ class ExitHead(nn.Module):
         return self.fc(self.mlp(self.drop(self.norm(pooled))))
 
 
-def balanced_widths(num_exits: int, dim: int, num_classes: int | None = None) -> list[int]:
-    """Heavier heads early, the light LN+Linear head last: 2D, D, D/2, ... and 0 for the final exit.
+def balanced_widths(num_exits: int, dim: int, num_classes: int | None = None, scale: float = 1.0) -> list[int]:
+    """Heavier heads early, the light LN+Linear head last: 2D, D, D/2, ... (times `scale`) and 0 for the final
+    exit.
 
     With `num_classes`, a width whose head would cost fewer MACs than LN + Linear (h (D + C) < D C: many
     exits or many classes) becomes 0, that plain head, so head size never grows with depth.
     """
-    widths = [max(1, (2 * dim) >> i) for i in range(num_exits - 1)] + [0]
+    widths = [max(1, round(2 * dim * scale) >> i) for i in range(num_exits - 1)] + [0]
     if num_classes is not None:
         widths = [h if h * (dim + num_classes) >= dim * num_classes else 0 for h in widths]
     return widths

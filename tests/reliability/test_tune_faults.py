@@ -162,7 +162,7 @@ def test_diverging_trial_stops_with_its_reason_and_the_best_valid_trial_wins(fau
     # guaranteed; what is asserted is the recorded reason and that only the valid trial can win.
     assert "non-finite training loss" in str(bad["error"]) and "epoch 2" in str(bad["error"]), bad["error"]
     assert good["error"] is None
-    assert outcome.best_trial == good["trial_id"] and outcome.best_metric == good[METRIC]
+    assert outcome.best_trial == good["trial_id"] and outcome.best_metric == good[outcome.metric]
     # a deterministic divergence is not retried by Tune: Ray Train's one retry from the epoch-1 checkpoint only
     assert len(faulty_sweep["attempts"][DIVERGED]) == 2
     # every checkpoint the diverged trial left holds finite weights (none is written after the bad step)

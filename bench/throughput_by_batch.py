@@ -31,7 +31,7 @@ import torch
 
 from dynadapter.adapt import CALIBRATION_DIR, evaluate_task, load_task_for, load_trained, to_model_input
 from dynadapter.config import load_params
-from dynadapter.inference import compare_throughput, full_depth_forward, measure_stage_costs
+from dynadapter.inference import compare_throughput, full_depth_forward, measure_stage_costs, run_dynamic
 from dynadapter.train.pretrain import backbone_checkpoint
 from pipelines.evaluate import guarantee_kwargs
 
@@ -55,11 +55,10 @@ def calibrated_model(params, task: str):
     return model, to_model_input(data.test[0], None, data.norm)
 
 
-def macs_fraction(model, x: torch.Tensor) -> float:
-    """What these images cost under the model's thresholds, as a fraction of full-depth MACs."""
+def macs_fraction(model, exits: torch.Tensor) -> float:
+    """What images leaving at `exits` cost under the model's thresholds, as a fraction of full-depth MACs."""
     costs = measure_stage_costs(model)
     cum = torch.tensor(costs.cumulative(model.thresholds.tolist()), dtype=torch.float64)
-    exits = torch.cat([model.forward_dynamic(c).exit_index for c in x.split(256)])
     return float(cum[exits].mean() / costs.full_depth_baseline())
 
 
@@ -71,9 +70,9 @@ def streamed(fn, batch: int):
     return run
 
 
-def by_batch(model, x: torch.Tensor, repeats: int) -> list[dict]:
+def by_batch(model, x: torch.Tensor, exits: torch.Tensor, repeats: int) -> list[dict]:
     rows = []
-    f = macs_fraction(model, x)
+    f = macs_fraction(model, exits)
     for batch in BATCHES:
         ips = compare_throughput({"dynamic": streamed(model.forward_dynamic, batch),
                                   "full": streamed(lambda c: full_depth_forward(model, c), batch)},
@@ -150,13 +149,11 @@ def _at(rows: list[dict], key: str, n: int) -> float:
     return rows[lo][key] * (1 - w) + rows[hi][key] * w
 
 
-def stage_bound(model, x: torch.Tensor, rows: list[dict]) -> list[dict]:
+def stage_bound(model, exits: torch.Tensor, rows: list[dict]) -> list[dict]:
     """What any compaction could reach with these kernels: per call of B images, the embedding at B and each
     stage at the number of images still in flight there (its measured time, `stage_seconds`), and nothing
     else (no exit head, confidence or gather); full depth: the embedding and every stage at B. The ratio of the
     two is the batch size's real limit, below 1/f wherever a stage costs more per image for fewer images."""
-    with torch.inference_mode():
-        exits = torch.cat([model.forward_dynamic(c).exit_index for c in x.split(256)])
     stages = len(model.exits)
     out = []
     for batch in BATCHES:
@@ -241,13 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         model, x = calibrated_model(params, task)
         x = x[: args.images]
-        result["per_task"][task] = by_batch(model, x, args.repeats)
+        exits = run_dynamic(model, x)[1]  # each image's exit (per image: the same at any batch size)
+        result["per_task"][task] = by_batch(model, x, exits, args.repeats)
         print(f"{task}: " + ", ".join(f"b{r['batch']} {r['share_of_limit']:.2f}" for r in result["per_task"][task])
               + f" of the limit ({time.perf_counter() - start:.0f} s)", flush=True)
         if args.profile and task == tasks[0]:
             result["profile_task"], result["profile"] = task, profile(model, x)
             result["stage_seconds"] = stage_seconds(model, x)
-            result["stage_bound"] = stage_bound(model, x, result["stage_seconds"])
+            result["stage_bound"] = stage_bound(model, exits, result["stage_seconds"])
             f = result["per_task"][task][0]["macs_fraction"]
             for row in result["stage_bound"]:
                 row["share_bound"] = row["ratio_bound"] * f

@@ -22,7 +22,8 @@ from dynadapter.distributed import how_many_fit
 from dynadapter.ray_session import check_shared_storage, init_ray, storage_uri
 from dynadapter.trial import CURVE_METRIC, METRIC, OBJECTIVES, TrialSpec, train_worker
 
-__all__ = ["CURVE_METRIC", "METRIC", "TrialSpec", "init_ray", "objective_metric"]  # re-exported: the names users and tests import from here
+# re-exported: the names users and tests import from here
+__all__ = ["CURVE_METRIC", "METRIC", "OBJECTIVES", "TrialSpec", "init_ray", "objective_metric"]
 
 STOPPED = "stopped"  # in a trial's last result: why it stopped without finishing (its loss went non-finite)
 MODE = "max"
@@ -193,7 +194,7 @@ def _run_trial(config: dict, *, static: dict) -> None:
             raise
         # A diverging loss is deterministic: Tune's retry would diverge again, as Ray Train's one did. End
         # the trial with the reason as its last result; its checkpoints, written before the bad step, stay.
-        tune.report({METRIC: float("nan"), CURVE_METRIC: float("nan"), STOPPED: reason})
+        tune.report({**dict.fromkeys(OBJECTIVES.values(), float("nan")), STOPPED: reason})
 
 
 def _nonfinite_reason(err: BaseException) -> str | None:
@@ -376,7 +377,7 @@ def searcher(cfg: TuneConfig, seed: int, max_concurrent: int):
     return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=max_concurrent)
 
 
-HISTORY_KEYS = ("epoch", METRIC, CURVE_METRIC, "val_budget_fraction", "val_acc_mean", "val_acc_last", "train_loss",
+HISTORY_KEYS = ("epoch", *OBJECTIVES.values(), "val_budget_fraction", "val_acc_mean", "val_acc_last", "train_loss",
                 "step_seconds")
 
 
@@ -425,7 +426,7 @@ def _outcome(results, train: TrainConfig, metric: str = METRIC) -> TuneOutcome:
         rows.append({
             "trial_id": last.get("trial_id"),
             **{key: float(df[key].max()) if has and key in df.columns else float("nan")
-               for key in dict.fromkeys((metric, METRIC, CURVE_METRIC))},
+               for key in OBJECTIVES.values()},  # both, whichever the search maximised
             f"{metric}_last": float(last[metric]) if metric in last else float("nan"),
             "epochs": int(last.get("epoch", 0)),
             "resumed_from": int(last.get("resumed_from", 0)),

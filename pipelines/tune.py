@@ -32,7 +32,6 @@ Outputs in <paths.outputs>/tune/: best_params.yaml (dotted train.* keys the trai
 
 SECTIONS = ["base", "train", "tune"]
 TRIAL_TAG = "dynadapter.trial_id"  # on each trial's nested MLflow run
-OTHER_METRICS = ("val_budget_acc", "val_curve_acc")  # a trial's run records both, whichever the search maximised
 
 
 # Where and how the sweep runs, not what it computes: moving storage, joining another cluster or giving trials
@@ -58,6 +57,7 @@ def log_trials(parent, outcome, tasks: list[str]) -> None:
     whole history) replaces a trial's earlier run instead of adding a second one; the earlier run is deleted
     only once the new one is logged, so an interruption here never loses a trial's record."""
     from dynadapter.tracking import find_task_runs, log_history, log_metrics, task_run
+    from dynadapter.tune import OBJECTIVES
 
     earlier: dict[str, list[str]] = {}
     for run in find_task_runs(parent, stage="tune", status=None):
@@ -71,8 +71,8 @@ def log_trials(parent, outcome, tasks: list[str]) -> None:
         with task_run(parent, ",".join(tasks), stage="tune", params=overrides, tags=tags,
                       run_name=f"tune-{trial}") as run:
             log_history(run, outcome.histories.get(trial, []))
-            log_metrics(run, {k: row[k] for k in (outcome.metric, *OTHER_METRICS, "epochs", "resumed_from")
-                              if k in row})
+            # both objectives' metrics, whichever the search maximised
+            log_metrics(run, {k: row[k] for k in (*OBJECTIVES.values(), "epochs", "resumed_from") if k in row})
         for run_id in earlier.get(trial, []):
             parent.client.delete_run(run_id)
 

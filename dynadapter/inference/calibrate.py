@@ -406,15 +406,16 @@ def calibrate(
 
 
 def curve_accuracy(*, val_logits: torch.Tensor, val_labels: torch.Tensor, costs: StageCosts,
-                   budgets: Sequence[float], confidence: str = "max_softmax", mode: str = "path") -> float:
-    """The mean over `budgets` of the val accuracy `calibrate` reaches at each (validation data only): how good
-    one trained model is over the budget curve it serves, the tune stage's `curve` objective. The candidates
-    are built once for all budgets."""
+                   budgets: Sequence[float], confidence: str = "max_softmax", mode: str = "path",
+                   num_candidates: int = 64, passes: int = 4) -> float:
+    """The mean over `budgets` of the val accuracy `calibrate` (same arguments) reaches at each (validation data
+    only): how good one trained model is over the budget curve it serves, the tune stage's `curve` objective.
+    The candidates are built once for all budgets."""
     if not budgets:
         raise ValueError("curve_accuracy needs at least one budget")
     p = _prepare(val_logits, val_labels, costs, confidence)
     base = costs.full_depth_baseline()
-    candidates = _mode_candidates(p, base, mode, 64, 4)
+    candidates = _mode_candidates(p, base, mode, num_candidates, passes)
     return float(np.mean([_calibrate(p, base, float(b), candidates, mode).val_accuracy for b in budgets]))
 
 

@@ -7,8 +7,8 @@ probe sees both what early exits and what the last exit work with.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -49,25 +49,46 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Te
     return float(probe.score(val_x.reshape(len(val_x), -1).numpy(), val_y.numpy()))
 
 
+PROBES = ("probe_val", "random_init_probe_val", "pixel_probe_val")
+
+
+def _summary(tasks: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The unweighted task means of each probe, and the margin of the backbone over the better reference."""
+    out = {k: sum(t[k] for t in tasks.values()) / len(tasks) for k in PROBES}
+    return {**out, "margin": out["probe_val"] - max(out["random_init_probe_val"], out["pixel_probe_val"])}
+
+
 @dataclass(frozen=True)
 class TransferReport:
     probe_val: float  # suite mean of the probe on the backbone's frozen features
     random_init_probe_val: float  # the same probe on a randomly initialised backbone of the same shape
     pixel_probe_val: float  # the same probe on the raw (normalised) pixels
     tasks: dict[str, dict[str, float]]
+    groups: dict[str, list[str]] = field(default_factory=dict)  # e.g. shared / unseen: task names
 
     @property
     def margin(self) -> float:
         """How far the backbone's probe is above the better of the two references."""
         return self.probe_val - max(self.random_init_probe_val, self.pixel_probe_val)
 
+    def group_summaries(self) -> dict[str, dict]:
+        """Per group of tasks: its tasks, the mean of each probe and the margin (a group with no task is left out)."""
+        return {g: {"tasks": list(names), **_summary({t: self.tasks[t] for t in names})}
+                for g, names in self.groups.items() if names}
+
     def to_dict(self) -> dict:
-        return {"probe_val": self.probe_val, "random_init_probe_val": self.random_init_probe_val,
-                "pixel_probe_val": self.pixel_probe_val, "margin": self.margin, "tasks": self.tasks}
+        out = {"probe_val": self.probe_val, "random_init_probe_val": self.random_init_probe_val,
+               "pixel_probe_val": self.pixel_probe_val, "margin": self.margin, "tasks": self.tasks}
+        if self.groups:
+            out["groups"] = self.group_summaries()
+        return out
 
 
-def transfer_report(pretrained: nn.Module, random_init: nn.Module, data: Mapping[str, object]) -> TransferReport:
-    """Probe every task of `data` ({task: TaskData with .train and .val (images, labels)}) three ways."""
+def transfer_report(pretrained: nn.Module, random_init: nn.Module, data: Mapping[str, object],
+                    groups: Mapping[str, Sequence[str]] | None = None) -> TransferReport:
+    """Probe every task of `data` ({task: TaskData with .train and .val (images, labels)}) three ways; `groups`
+    ({name: tasks}) adds each group's means and margin (the embedded suite: tasks that share a pretraining factor
+    and tasks that do not)."""
     tasks: dict[str, dict[str, float]] = {}
     for task, d in data.items():
         (xtr, ytr), (xva, yva) = d.train, d.val
@@ -77,5 +98,6 @@ def transfer_report(pretrained: nn.Module, random_init: nn.Module, data: Mapping
                                                     backbone_features(random_init, xva), yva),
             "pixel_probe_val": probe_accuracy(xtr, ytr, xva, yva),
         }
-    mean = lambda key: sum(t[key] for t in tasks.values()) / len(tasks)  # noqa: E731
-    return TransferReport(mean("probe_val"), mean("random_init_probe_val"), mean("pixel_probe_val"), tasks)
+    s = _summary(tasks)
+    return TransferReport(s["probe_val"], s["random_init_probe_val"], s["pixel_probe_val"], tasks,
+                          {g: list(names) for g, names in (groups or {}).items()})

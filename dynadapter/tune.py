@@ -8,7 +8,9 @@ Ray is imported lazily, so importing this module has no Ray side effects.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -235,6 +237,7 @@ class TuneOutcome:
     trials: list[dict[str, Any]] = field(default_factory=list)  # one row per trial
     path: str = ""  # the experiment folder (Tuner.restore / ResultGrid)
     histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # trial id -> per-epoch metrics
+    seconds: float = 0.0  # wall time the sweep took, summed over every run that worked on it (resumes included)
 
     def table(self):
         """`trials` as a pandas DataFrame (one row per trial)."""
@@ -355,8 +358,32 @@ def run_tune(
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=verbose,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
+    start = time.perf_counter()
     results = tuner.fit()
-    return _outcome(results, params.train, metric)
+    outcome = _outcome(results, params.train, metric)
+    outcome.seconds = add_sweep_seconds(experiment, time.perf_counter() - start)
+    return outcome
+
+
+SECONDS_FILE = "dynadapter_seconds.json"
+
+
+def add_sweep_seconds(experiment: str, seconds: float) -> float:
+    """Adds `seconds` to the wall time recorded in the experiment folder (a local path or a URI) and returns the
+    total: a sweep resumed from its finished state reports the time it took, not the second the resume took."""
+    import pyarrow.fs
+
+    uri = experiment if "://" in experiment else str(Path(experiment).resolve())
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    path = f"{path.rstrip('/')}/{SECONDS_FILE}"
+    total = seconds
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            total += float(json.loads(f.readall().decode())["seconds"])
+    with fs.open_output_stream(path + ".tmp") as f:
+        f.write(json.dumps({"seconds": total}).encode())
+    fs.move(path + ".tmp", path)
+    return total
 
 
 def searcher(cfg: TuneConfig, seed: int, max_concurrent: int):

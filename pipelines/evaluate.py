@@ -283,13 +283,31 @@ def run(params, parent=None) -> tuple[dict, dict, dict]:
                       "baseline_test_accuracy": r["baseline"]["test"]["accuracy"],
                       "exit_accuracy": r["dyn"]["test_exit_accuracy"]} for t, r in per_task.items()},
     }
+    groups = embedded_groups(params)
+    if groups:
+        metrics["groups"] = {g: {"tasks": names, **{k: sum(metrics["tasks"][t][k] for t in names) / len(names)
+                                                    for k in GROUP_METRICS}}
+                             for g, names in groups.items() if names}
     if params.evaluate.transfer_probe:
-        metrics["transfer"] = transfer(base, checkpoint)
+        metrics["transfer"] = transfer(base, checkpoint, groups)
     return metrics, per_task, models
 
 
-def transfer(base, checkpoint) -> dict:
-    """How the backbone transfers (dynadapter.transfer): probes train -> val, suite means and per task."""
+GROUP_METRICS = ("dyn_test_accuracy", "dyn_test_macs_fraction", "baseline_test_accuracy")
+
+
+def embedded_groups(params) -> dict[str, list[str]]:
+    """The embedded suite on the embedded backbone: its tasks split by whether the backbone's pretraining saw their
+    label (`shared`) or not (`unseen`), reported separately; {} for VTAB folders or a backbone of your own."""
+    from dynadapter.data import task_groups
+
+    if params.prepare.source != "embedded" or params.base.backbone.checkpoint is not None:
+        return {}
+    return task_groups(params.base.tasks)
+
+
+def transfer(base, checkpoint, groups: dict[str, list[str]] | None = None) -> dict:
+    """How the backbone transfers (dynadapter.transfer): probes train -> val, suite means, per task and per group."""
     import torch
 
     from dynadapter.models import create_backbone
@@ -297,9 +315,11 @@ def transfer(base, checkpoint) -> dict:
 
     torch.manual_seed(base.seed)  # the random-init reference is seeded too
     random_init = create_backbone(base.backbone)
-    report = transfer_report(create_backbone(base.backbone, checkpoint), random_init, _TrainVal(base))
+    report = transfer_report(create_backbone(base.backbone, checkpoint), random_init, _TrainVal(base), groups)
     print(f"evaluate: transfer probe (val) {report.probe_val:.4f} vs random init {report.random_init_probe_val:.4f} "
           f"and pixels {report.pixel_probe_val:.4f}")
+    for g, r in report.group_summaries().items():
+        print(f"evaluate: transfer probe on the {g} tasks {r['probe_val']:.4f}, margin {r['margin']:.4f}")
     return report.to_dict()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from dynadapter.config import Params, config_digest, section_dict
@@ -109,10 +108,9 @@ def run(params: Params, parent=None) -> dict:
     storage = cfg.storage or str(Path(base.paths.models) / "checkpoints" / "tune")
     tasks = list(cfg.tasks or base.tasks)
     try:
-        start = time.perf_counter()
         outcome = run_tune(params, backbone_checkpoint(base.backbone, base.paths.models), storage_path=storage,
                            name=experiment_name(params), resume=True)
-        seconds = time.perf_counter() - start
+        seconds = outcome.seconds  # the sweep's own wall time, also when this run resumed it
     finally:
         if started_here:
             ray.shutdown()

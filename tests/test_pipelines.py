@@ -137,6 +137,16 @@ def test_evaluate_metrics_and_plots(pipeline_run):
     assert m["dyn_test_macs_fraction"] == pytest.approx(sum(r["dyn"]["test"]["fraction"] for r in per_task.values()) / 2)
     assert m["dyn_test_accuracy"] == pytest.approx(sum(r["dyn"]["test"]["accuracy"] for r in per_task.values()) / 2)
     assert m["throughput_speedup"] == pytest.approx(sum(r["dyn"]["throughput"]["speedup"] for r in per_task.values()) / 2)
+    # the embedded backbone: size shares a pretraining factor, digits does not; each group is reported apart
+    tasks = m["tasks"]
+    assert {g: r["tasks"] for g, r in m["groups"].items()} == {"shared": ["size"], "unseen": ["digits"]}
+    for group, task in (("shared", "size"), ("unseen", "digits")):
+        for key in ("dyn_test_accuracy", "dyn_test_macs_fraction", "baseline_test_accuracy"):
+            assert m["groups"][group][key] == tasks[task][key]
+        probes = m["transfer"]["tasks"][task]
+        assert m["transfer"]["groups"][group]["probe_val"] == probes["probe_val"]
+        assert m["transfer"]["groups"][group]["margin"] == pytest.approx(
+            probes["probe_val"] - max(probes["random_init_probe_val"], probes["pixel_probe_val"]))
     for name in ("budget_curve", "pareto", "exit_hist"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (out / f"{name}.csv").read_text().count("\n") >= 2

@@ -4,6 +4,7 @@ workers + DeepSpeed inside each trial) that survives a worker crash by resuming 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -575,3 +576,17 @@ def test_a_killed_and_resumed_sweep_picks_the_winner_of_the_uninterrupted_one(tm
         r["resumed_from"] = 0
     print(json.dumps(expected["trials"], indent=1))
     assert resumed == expected
+
+
+def test_sweep_seconds_add_up_over_resumes(tmp_path):
+    """A sweep resumed from its finished state reports the wall time it took, not the second the resume took."""
+    from dynadapter.tune import SECONDS_FILE, add_sweep_seconds
+
+    experiment = tmp_path / "tune-abc"
+    experiment.mkdir()
+    assert add_sweep_seconds(str(experiment), 140.0) == 140.0
+    assert add_sweep_seconds(str(experiment), 0.75) == 140.75
+    assert json.loads((experiment / SECONDS_FILE).read_text()) == {"seconds": 140.75}
+    assert sorted(p.name for p in experiment.iterdir()) == [SECONDS_FILE]  # no temp file left behind
+    (tmp_path / "tune-other").mkdir()
+    assert add_sweep_seconds(str(tmp_path / "tune-other"), 2.0) == 2.0  # per experiment

@@ -20,6 +20,7 @@ from dynadapter.data.synthetic import (
     GeneratedTask,
     generate_suite,
     generate_task,
+    task_groups,
 )
 from dynadapter.data.vtab import (
     VTAB_NUM_CLASSES,
@@ -45,6 +46,7 @@ def __getattr__(name: str):
 __all__ = [
     "SPLITS",
     "TASKS",
+    "task_groups",
     "VTAB_NUM_CLASSES",
     "BadLine",
     "DataError",

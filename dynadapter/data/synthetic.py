@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dynadapter.config import EmbeddedDataConfig
 from dynadapter.data.store import SPLITS, DataError, write_task
+from dynadapter.data.unseen import GLYPH_NAMES, TEXTURES, render_digit, render_glyph, render_texture
 
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges at any image size
 PNG_SETTINGS = {"format": "PNG", "compress_level": 6, "optimize": False}
@@ -351,6 +352,7 @@ class ProceduralTask:
     class_names: tuple[str, ...]
     render: Render
     description: str
+    pretraining_factor: str | None = None  # the embedded backbone's pretraining factor that predicts the label
 
     @property
     def num_classes(self) -> int:
@@ -380,20 +382,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _render_digit(rng: np.random.Generator, index: int, d: float, s: int) -> np.ndarray:
-    """Digit `index` of load_digits, upscaled, rotated, recoloured; hard: small, tilted, low contrast, noisy."""
-    digit = _digits()[0][index]
-    sc = Scene(rng, s, d)
-    # An 8x8 glyph carries little detail: it keeps at least 70% of the side, a contrast of 0.3 and mild noise,
-    # so that the hardest digits stay legible (harsher settings left even a full-depth model near chance).
-    side = max(8, min(s, int(round(s * lerp(0.95, 0.7, d) * rng.uniform(0.95, 1.05)))))
-    glyph = Image.fromarray((np.clip(digit / 16.0, 0, 1) * 255).astype(np.uint8), mode="L")
-    glyph = glyph.resize((side, side), Image.Resampling.BICUBIC)
-    glyph = glyph.rotate(rng.uniform(-1, 1) * lerp(3, 15, d), resample=Image.Resampling.BILINEAR)
-    canvas = Image.new("L", (s, s), 0)
-    canvas.paste(glyph, (int(rng.integers(0, s - side + 1)), int(rng.integers(0, s - side + 1))))
-    sc.specks(int(round(d * 2)), max_r=0.04 * s)
-    sc.paint(np.asarray(canvas, dtype=np.float32) / 255.0, sc.object_color(max(sc.contrast, 0.3)))
-    return sc.finish(noise=lerp(0.01, 0.06, d))
+    return render_digit(rng, _digits()[0][index], d, s)
 
 
 class DigitsTask:
@@ -404,7 +393,8 @@ class DigitsTask:
 
     class_names = tuple(str(i) for i in range(10))
     num_classes = 10
-    description = "handwritten digit 0-9 (sklearn load_digits), random colour, contrast, scale, rotation, noise"
+    pretraining_factor = None
+    description = "handwritten digit 0-9 (sklearn load_digits) in ink on paper: colour, contrast, scale, tilt, noise"
 
     def generate(self, name: str, sizes: dict[str, int], seed: int, image_size: int, progress: bool = True,
                  workers: int | None = None) -> GeneratedTask:
@@ -434,18 +424,36 @@ class DigitsTask:
 
 
 TASKS: dict[str, ProceduralTask | DigitsTask] = {
+    # drawn with the pretraining scenes' kit (Scene), and each label is a pretraining factor (upstream.FACTORS)
     "count": ProceduralTask(tuple(str(n) for n in range(1, COUNT_MAX + 1)), render_count,
-                            "number of objects (1-6), like CLEVR count"),
+                            "number of objects (1-6), like CLEVR count", pretraining_factor="count"),
     "position": ProceduralTask(
         tuple(f"{r}-{c}" for r in ("top", "middle", "bottom") for c in ("left", "center", "right")),
-        render_position, "3x3 grid cell of the cross among distractors, like dSprites location"),
+        render_position, "3x3 grid cell of the cross among distractors, like dSprites location",
+        pretraining_factor="x, y"),
     "orientation": ProceduralTask(tuple(f"{k * 360 // ORIENTATION_BINS}deg" for k in range(ORIENTATION_BINS)),
-                                  render_orientation, "arrow direction in 45-degree bins, like dSprites orientation"),
+                                  render_orientation, "arrow direction in 45-degree bins, like dSprites orientation",
+                                  pretraining_factor="angle"),
     "size": ProceduralTask(("xs", "s", "m", "l", "xl"), render_size,
-                           "object radius bin, like smallNORB / KITTI distance"),
+                           "object radius bin, like smallNORB / KITTI distance", pretraining_factor="scale"),
+    # another image process (dynadapter.data.unseen: ink on paper), labels no pretraining factor names
     "digits": DigitsTask(),
+    "glyphs": ProceduralTask(GLYPH_NAMES, render_glyph,
+                             "which of ten invented pen-stroke symbols, in a new hand each time, like Omniglot"),
+    "textures": ProceduralTask(TEXTURES, render_texture, "which of eight periodic surface patterns, like DTD"),
 }
 """Downstream suite: task name -> generator. Adding a task is one entry here."""
+
+GROUPS = ("shared", "unseen")
+
+
+def task_groups(tasks: Sequence[str]) -> dict[str, list[str]]:
+    """Embedded tasks by what the embedded backbone saw: `shared` (the label is a pretraining factor, drawn with
+    the pretraining kit) and `unseen` (neither). Unknown tasks raise DataError."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise DataError(f"unknown embedded task(s) {unknown}; known: {sorted(TASKS)}")
+    return {g: [t for t in tasks if (TASKS[t].pretraining_factor is None) == (g == "unseen")] for g in GROUPS}
 
 def generate_task(name: str, cfg: EmbeddedDataConfig, seed: int, progress: bool = True,
                   workers: int | None = None) -> GeneratedTask:

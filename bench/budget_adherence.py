@@ -32,18 +32,17 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from dynadapter.adapt import (TaskData, load_task_for, load_trained, merged_for_inference, retrain_for_calibration,
-                              retrain_on_trainval, train_task)
 from dynadapter.config import load_params
-from dynadapter.inference import collect_exit_logits, measure_stage_costs
-from dynadapter.inference.calibrate import calibrate, calibrate_drop, evaluate_thresholds
-from dynadapter.inference.flops import StageCosts
-from dynadapter.train.pretrain import backbone_checkpoint
 from pipelines.train import best_overrides
+
+if TYPE_CHECKING:
+    from dynadapter.adapt import TaskData
+
+# torch and the model code are imported where they are used, so `markdown` loads without them (bench/tables.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "budget_adherence.json"
@@ -58,6 +57,11 @@ DROP_LEVEL = 0.9
 
 
 def _logits(model, data: TaskData) -> dict:
+    import torch
+
+    from dynadapter.adapt import merged_for_inference
+    from dynadapter.inference import collect_exit_logits, measure_stage_costs
+
     merged_for_inference(model)
     costs = measure_stage_costs(model)
     with torch.no_grad():
@@ -68,6 +72,11 @@ def _logits(model, data: TaskData) -> dict:
 
 def cached_models(params, task: str, seed: int, protocols: list[str], log) -> dict[str, dict]:
     """{"select": logits, "standard_old": ..., "standard_donor": ...} for one task and seed, trained once."""
+    import torch
+
+    from dynadapter.adapt import load_task_for, load_trained, retrain_for_calibration, retrain_on_trainval, train_task
+    from dynadapter.train.pretrain import backbone_checkpoint
+
     base, cfg = params.base, params.train
     out = {}
     todo = []
@@ -109,6 +118,8 @@ def cached_models(params, task: str, seed: int, protocols: list[str], log) -> di
 
 def _split(lg: dict, rng: np.random.Generator | None, n_val: int) -> tuple:
     """(val logits, val labels, test logits, test labels): the original split, or a random resplit of val+test."""
+    import torch
+
     if rng is None:
         return lg["val"], lg["val_y"], lg["test"], lg["test_y"]
     x = torch.cat([lg["val"], lg["test"]], dim=1)
@@ -121,6 +132,8 @@ def _split(lg: dict, rng: np.random.Generator | None, n_val: int) -> tuple:
 def every_split(all_logits: dict, resplits: int, seed: int):
     """(task, seed, split number, costs, val logits, val labels, test logits, test labels) of each select
     model: split 0 the original, then `resplits` random resplits of val+test."""
+    from dynadapter.inference.flops import StageCosts
+
     rng = np.random.default_rng(seed)
     for (task, s), lgs in all_logits.items():
         lg = lgs["select"]
@@ -130,6 +143,8 @@ def every_split(all_logits: dict, resplits: int, seed: int):
 
 
 def adherence(all_logits: dict, resplits: int, seed: int = 0) -> dict:
+    from dynadapter.inference.calibrate import calibrate, evaluate_thresholds
+
     rows = []
     for task, s, r, costs, val, val_y, test, test_y in every_split(all_logits, resplits, seed):
         for level in LEVELS:
@@ -167,6 +182,11 @@ def adherence(all_logits: dict, resplits: int, seed: int = 0) -> dict:
 
 def val_halves(all_logits: dict, repeats: int = 30, seed: int = 0) -> dict:
     """The default chosen on val alone: calibrate on one random half of val200, score the other half."""
+    import torch
+
+    from dynadapter.inference.calibrate import calibrate, evaluate_thresholds
+    from dynadapter.inference.flops import StageCosts
+
     rng = np.random.default_rng(seed)
     out = {}
     for level in LEVELS:
@@ -194,6 +214,8 @@ def val_halves(all_logits: dict, repeats: int = 30, seed: int = 0) -> dict:
 
 
 def accuracy_drop(all_logits: dict, resplits: int, seed: int = 0) -> dict:
+    from dynadapter.inference.calibrate import calibrate_drop, evaluate_thresholds
+
     out = {}
     rows = []
     for task, s, r, costs, val, val_y, test, test_y in every_split(all_logits, resplits, seed + 1):
@@ -220,6 +242,9 @@ def accuracy_drop(all_logits: dict, resplits: int, seed: int = 0) -> dict:
 
 
 def protocols(all_logits: dict, budget: float = 0.5) -> dict:
+    from dynadapter.inference.calibrate import calibrate, evaluate_thresholds
+    from dynadapter.inference.flops import StageCosts
+
     rows = []
     for (task, s), lgs in all_logits.items():
         if "standard_final" not in lgs:
@@ -305,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     protocols_wanted = ["select"] + ([] if args.no_standard else ["standard"])
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    import torch
+
     torch.manual_seed(0)
     all_logits = {(t, s): cached_models(params, t, s, protocols_wanted, log) for s in seeds for t in tasks}
     result = {

@@ -34,30 +34,21 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from dynadapter.adapt import (
-    TaskData,
-    curve_at_budgets,
-    evaluate_task,
-    full_depth_baseline,
-    load_task_for,
-    load_trained,
-    save_trained,
-    train_task,
-)
-from dynadapter.baselines import DyTObjective, activation_rate, build_dyt, measure_dyt_costs, predict_dyt
 from dynadapter.config import Params, load_params
-from dynadapter.inference import compare_throughput, full_depth_forward
-from dynadapter.models import count_parameters
-from dynadapter.train import multi_exit_loss
-from dynadapter.train.memory import training_memory
-from dynadapter.train.pretrain import backbone_checkpoint
 from pipelines.common import write_csv
 from pipelines.train import best_overrides
+
+if TYPE_CHECKING:
+    import torch
+
+    from dynadapter.adapt import TaskData
+
+# torch and the training code are imported where they are used, so the table functions (`markdown`,
+# `frontier_table`, ...) load without them: bench/tables.py renders BENCHMARKS.md from the result files.
 
 BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 FRONTIER_BUDGETS = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -106,6 +97,8 @@ def all_methods(exits: list[int], ablation_petl: str = "adapter") -> list[Method
 
 def method_configs(method: Method, params_path: str, common: list[str]):
     """(params, model config, train config) of a method: the shared settings plus the method's own."""
+    from dynadapter.adapt import full_depth_baseline
+
     params = load_params(params_path, common + list(method.overrides))
     model_cfg, train_cfg = params.base.model, params.train
     if method.kind == "dyn":
@@ -138,12 +131,20 @@ class Context:
 
 
 def _loss_fn(objective):
+    from dynadapter.train import multi_exit_loss
+
     if objective is not None:
         return lambda m, x, y: objective(m, x, y)[0]
     return lambda m, x, y: multi_exit_loss(m(x), y)[0]
 
 
 def measure(method: Method, ctx: Context, params: Params, model_cfg, train_cfg, checkpoint, args) -> dict:
+    from dynadapter.adapt import curve_at_budgets, evaluate_task, save_trained, train_task
+    from dynadapter.baselines import DyTObjective, activation_rate, build_dyt, measure_dyt_costs, predict_dyt
+    from dynadapter.inference import compare_throughput, full_depth_forward
+    from dynadapter.models import count_parameters
+    from dynadapter.train.memory import training_memory
+
     base, data = params.base, ctx.data
     objective = DyTObjective(method.rate) if method.kind == "dyt" else None
     trained, model = train_task(ctx.task, data, base.backbone, model_cfg, train_cfg, checkpoint, seed=base.seed,
@@ -419,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         common.append(f"base.tasks=[{args.tasks}]")
     params = load_params(args.params, common)
     base = params.base
+    import torch
+
+    from dynadapter.adapt import load_task_for, load_trained
     from dynadapter.models import create_backbone, resolve_exits
+    from dynadapter.train.pretrain import backbone_checkpoint
 
     exits = resolve_exits(base.model, len(create_backbone(base.backbone).blocks))
     methods = all_methods(exits, args.ablation_petl)

@@ -26,14 +26,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from dynadapter.adapt import CALIBRATION_DIR, evaluate_task, load_task_for, load_trained, to_model_input
 from dynadapter.config import load_params
-from dynadapter.inference import compare_throughput, full_depth_forward, measure_stage_costs, run_dynamic
-from dynadapter.train.pretrain import backbone_checkpoint
-from pipelines.evaluate import guarantee_kwargs
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the model code are imported where they are used, so `markdown` loads without them (bench/tables.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "throughput_by_batch.json"
@@ -44,6 +44,10 @@ TARGET = {1: 0.8, 4: 0.8, 16: 0.8, 64: 0.8, 256: 0.9}
 def calibrated_model(params, task: str):
     """The task's Dyn-Adapter model merged and holding the thresholds evaluate gives it at base.budget, with the
     task's test images (normalised float)."""
+    from dynadapter.adapt import CALIBRATION_DIR, evaluate_task, load_task_for, load_trained, to_model_input
+    from dynadapter.train.pretrain import backbone_checkpoint
+    from pipelines.evaluate import guarantee_kwargs
+
     base = params.base
     checkpoint = backbone_checkpoint(base.backbone, base.paths.models)
     saved = Path(base.paths.models) / "tasks" / task / "dyn"
@@ -57,6 +61,10 @@ def calibrated_model(params, task: str):
 
 def macs_fraction(model, exits: torch.Tensor) -> float:
     """What images leaving at `exits` cost under the model's thresholds, as a fraction of full-depth MACs."""
+    import torch
+
+    from dynadapter.inference import measure_stage_costs
+
     costs = measure_stage_costs(model)
     cum = torch.tensor(costs.cumulative(model.thresholds.tolist()), dtype=torch.float64)
     return float(cum[exits].mean() / costs.full_depth_baseline())
@@ -71,6 +79,8 @@ def streamed(fn, batch: int):
 
 
 def by_batch(model, x: torch.Tensor, exits: torch.Tensor, repeats: int) -> list[dict]:
+    from dynadapter.inference import compare_throughput, full_depth_forward
+
     rows = []
     f = macs_fraction(model, exits)
     for batch in BATCHES:
@@ -86,8 +96,11 @@ def by_batch(model, x: torch.Tensor, exits: torch.Tensor, repeats: int) -> list[
 def profile(model, x: torch.Tensor) -> list[dict]:
     """Seconds per image spent in the embedding, the stages, the exit heads and elsewhere (the rest: confidence,
     compaction, Python), for both paths, from torch.profiler's record_function ranges."""
+    import torch
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
+
+    from dynadapter.inference import full_depth_forward
 
     parts = {"embed": model.embed, "run_stage": model.run_stage, "exit_logits": model.exit_logits}
     for name, fn in parts.items():
@@ -132,6 +145,8 @@ def stage_seconds(model, x: torch.Tensor, repeats: int = 5, calls: int = 20) -> 
     """The embedding and one stage (the second: what survivors of the first exit run; every stage is 3 equal
     blocks) timed on n images in flight: what a compacted stage costs when few images go on (median of
     `repeats` runs of `calls` calls)."""
+    import torch
+
     with torch.inference_mode():
         tokens = model.embed(x[: max(STAGE_IMAGES)])
         return [{"images": n, "seconds": _timed(lambda t: model.run_stage(t, 1), tokens[:n].contiguous(), repeats, calls),
@@ -226,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables:
         print(markdown(json.loads(OUT.read_text())))
         return 0
+    import torch
+
+    from dynadapter.inference import run_dynamic
+
     if args.threads:
         torch.set_num_threads(args.threads)
     params = load_params(args.params)

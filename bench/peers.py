@@ -198,6 +198,9 @@ def measure(method: Method, ctx: Context, params: Params, model_cfg, train_cfg, 
     return row
 
 
+DATA_DEPENDENT = ("dyn", "ablation", "dyt")  # families whose MACs depend on the images (exits, token routing)
+
+
 def relative(row: dict, base_row: dict) -> dict:
     """The ratios the issue asks for, against full_adapter on the same task."""
     out = {"macs_fraction": row["macs"] / base_row["macs"],
@@ -207,7 +210,9 @@ def relative(row: dict, base_row: dict) -> dict:
                                if row.get("images_per_s") else 1.0)
     # the cost a budget is checked against when choosing an operating point: measured on val where it depends on
     # the data (DyT's token routing, Dyn-Adapter's exits), the static cost otherwise (one head at full depth)
-    out["val_macs_fraction"] = row.get("val_macs", row["macs"]) / base_row["macs"]
+    # (a run of a data-dependent family cached before val MACs were recorded has none: None, never test's figure)
+    val_macs = row.get("val_macs", None if row["family"] in DATA_DEPENDENT else row["macs"])
+    out["val_macs_fraction"] = None if val_macs is None else val_macs / base_row["macs"]
     for p in row["points"]:
         p["macs_fraction"] = p["macs"] / base_row["macs"]
     return out
@@ -228,7 +233,8 @@ def suite_rows(results: dict[str, dict[str, dict]], tasks: list[str]) -> list[di
             "test_accuracy": mean(lambda r: r["test_accuracy"]),
             "val_accuracy": mean(lambda r: r["val_accuracy"] or 0.0),
             "macs_fraction": mean(lambda r: r["macs_fraction"]),
-            "val_macs_fraction": mean(lambda r: r.get("val_macs_fraction", r["macs_fraction"])),
+            "val_macs_fraction": (None if any(r.get("val_macs_fraction") is None for r in rs)
+                                  else mean(lambda r: r["val_macs_fraction"])),
             "mmacs": mean(lambda r: r["macs"]) / 1e6,
             "trainable": mean(lambda r: r["params"]["trainable"]),
             "trainable_without_heads": mean(lambda r: r["params"]["trainable_without_heads"]),
@@ -383,6 +389,57 @@ def markdown(summary: list[dict], curves: dict[str, list[dict]], frontier: list[
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------ the report
+
+
+def aggregate(results: dict[str, dict[str, dict]], tasks: list[str], dyn_methods: list[str], dyn: str,
+              budget: float) -> dict:
+    """Suite rows, the dyn methods' budget curves, the frontier and the budget target, from per-task results
+    whose rows already carry their `relative` figures."""
+    summary = suite_rows(results, tasks)
+    curves = {name: suite_curve(results[name], tasks) for name in dyn_methods}
+    dyn = dyn if dyn in curves else "dyn_adapter"
+    frontier = frontier_table(family_points(summary, curves, dyn))
+    by = {r["method"]: r for r in summary}
+    target_50 = None
+    if dyn in curves and BASELINE in by:
+        at = next((c for c in curves[dyn] if c["budget"] == budget), None)
+        same = by.get(dyn.replace("dyn_", "full_", 1), by[BASELINE])  # its own PETL module at full depth
+        target_50 = {"budget": budget, "method": dyn, dyn: at, "full_adapter": by[BASELINE]["test_accuracy"],
+                     "full_same_petl": same["test_accuracy"],
+                     "gap": (at["test_accuracy"] - by[BASELINE]["test_accuracy"]) if at else None,
+                     "gap_same_petl": (at["test_accuracy"] - same["test_accuracy"]) if at else None}
+    return {"summary": summary, "curves": curves, "frontier": frontier, "target_50": target_50,
+            "frontier_method": dyn}
+
+
+def write_outputs(out: Path, report: dict) -> None:
+    """peers.json, summary.csv, frontier.csv, tables.md and the plot of a report."""
+    tasks, results = report["setup"]["tasks"], report["per_task"]
+    out.mkdir(parents=True, exist_ok=True)
+    plot(report["summary"], report["curves"], out / "accuracy_vs_macs.png")
+    write_csv(out / "summary.csv", report["summary"])
+    write_csv(out / "frontier.csv", report["frontier"])
+    (out / "tables.md").write_text(markdown(report["summary"], report["curves"], report["frontier"], results, tasks))
+    (out / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def resummarize(out: Path) -> dict:
+    """Recompute a finished run's suite figures from its peers.json with this code (`--resummarize`): no data,
+    no training, no timing; the per-task results stay as measured."""
+    report = json.loads((out / "peers.json").read_text())
+    results, setup = report["per_task"], report["setup"]
+    for per_task in results.values():
+        for task, row in per_task.items():
+            row.update(relative(row, results[BASELINE][task]))
+    budget = (report.get("target_50") or {}).get("budget", 0.5)
+    agg = aggregate(results, setup["tasks"], list(report["curves"]), setup["frontier_method"], budget)
+    setup["frontier_method"] = agg.pop("frontier_method")
+    report.update(agg)
+    write_outputs(out, report)
+    return report
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -406,7 +463,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="the PETL module of the abl_* methods (adapter: BENCHMARKS §3's first table)")
     ap.add_argument("--dyn-method", default=None,
                     help="the Dyn-Adapter of the frontier and the budget target (default: dyn_<base.model.petl.method>)")
+    ap.add_argument("--resummarize", action="store_true",
+                    help="recompute --out's suite figures from its peers.json with this code, then stop")
     args = ap.parse_args(argv)
+    if args.resummarize:
+        resummarize(args.out)
+        print(f"resummarized {args.out}")
+        return 0
 
     common = list(args.overrides)
     if args.best.lower() != "none":
@@ -468,31 +531,14 @@ def main(argv: list[str] | None = None) -> int:
             results[method.name][task].update(relative(results[method.name][task], base_row))
 
     tasks = list(base.tasks)
-    summary = suite_rows(results, tasks)
-    curves = {m.name: suite_curve(results[m.name], tasks) for m in methods if m.kind == "dyn"}
     dyn = args.dyn_method or f"dyn_{params.base.model.petl.method}"
-    dyn = dyn if dyn in curves else "dyn_adapter"
-    frontier = frontier_table(family_points(summary, curves, dyn))
-    by = {r["method"]: r for r in summary}
-    target_50 = None
-    if dyn in curves and BASELINE in by:
-        at = next((c for c in curves[dyn] if c["budget"] == base.budget), None)
-        same = by.get(dyn.replace("dyn_", "full_", 1), by[BASELINE])  # its own PETL module at full depth
-        target_50 = {"budget": base.budget, "method": dyn, dyn: at, "full_adapter": by[BASELINE]["test_accuracy"],
-                     "full_same_petl": same["test_accuracy"],
-                     "gap": (at["test_accuracy"] - by[BASELINE]["test_accuracy"]) if at else None,
-                     "gap_same_petl": (at["test_accuracy"] - same["test_accuracy"]) if at else None}
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot(summary, curves, args.out / "accuracy_vs_macs.png")
-    write_csv(args.out / "summary.csv", summary)
-    write_csv(args.out / "frontier.csv", frontier)
-    (args.out / "tables.md").write_text(markdown(summary, curves, frontier, results, tasks))
-    setup = {"tasks": tasks, "frontier_method": dyn, "epochs": params.train.epochs, "lr": params.train.lr, "best_params": args.best,
-             "overrides": common, "dyt_rates": DYT_RATES, "budgets": BUDGETS, "torch_threads": torch.get_num_threads(),
-             "timing_batch": args.batch}
-    report = {"setup": setup, "summary": summary, "curves": curves, "frontier": frontier, "target_50": target_50,
-              "seconds": round(time.perf_counter() - started, 1), "per_task": results}
-    (args.out / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
+    report = aggregate(results, tasks, [m.name for m in methods if m.kind == "dyn"], dyn, base.budget)
+    summary, curves, frontier, target_50 = (report[k] for k in ("summary", "curves", "frontier", "target_50"))
+    setup = {"tasks": tasks, "frontier_method": report.pop("frontier_method"), "epochs": params.train.epochs,
+             "lr": params.train.lr, "best_params": args.best, "overrides": common, "dyt_rates": DYT_RATES,
+             "budgets": BUDGETS, "torch_threads": torch.get_num_threads(), "timing_batch": args.batch}
+    report = {"setup": setup, **report, "seconds": round(time.perf_counter() - started, 1), "per_task": results}
+    write_outputs(args.out, report)
     if args.experiment:
         report["mlflow_run"] = log_to_mlflow(params, args.experiment, results, summary, curves, frontier,
                                              args.out, setup)

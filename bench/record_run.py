@@ -8,7 +8,8 @@ through as it runs.
 
     git clone . /tmp/fc
     .venv/bin/python bench/record_run.py --name fresh_clone_repro --cwd /tmp/fc -- make repro
-    .venv/bin/python bench/record_run.py --name seed1 --cwd /tmp/fc -- .venv/bin/dvc exp run -S base.seed=1
+    .venv/bin/python bench/record_run.py --name seed1 --cwd /tmp/fc -- \
+        bash -c 'source .venv/bin/activate && dvc exp run -S base.seed=1'   # the stages run `python` from PATH
     .venv/bin/python bench/record_run.py --name fresh_clone_test --cwd /tmp/fc -- make test
 """
 
@@ -18,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -56,7 +58,7 @@ def record(name: str, command: list[str], cwd: Path) -> dict:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     commit = git_commit(cwd)
     code, tail, seconds = run_streaming(command, cwd)
-    rec = {"name": name, "command": " ".join(command), "commit": commit, "started": started,
+    rec = {"name": name, "command": shlex.join(command), "commit": commit, "started": started,
            "exit_code": code, "wall_seconds": round(seconds, 1), "pytest": pytest_summary(tail),
            "outputs": {k: json.loads((cwd / p).read_text()) for k, p in OUTPUTS.items() if (cwd / p).is_file()}}
     return rec

@@ -19,7 +19,7 @@ RUNS_DIR = "bench/results/pipeline_runs"
 FRESH = Source(f"{RUNS_DIR}/fresh_clone_repro.json", "`.venv/bin/python bench/record_run.py --name "
                "fresh_clone_repro --cwd <a fresh git clone> -- make repro`")
 SEED1 = Source(f"{RUNS_DIR}/seed1.json", "`.venv/bin/python bench/record_run.py --name seed1 --cwd <that clone> "
-               "-- .venv/bin/dvc exp run -S base.seed=1`")
+               "-- bash -c 'source .venv/bin/activate && dvc exp run -S base.seed=1'`")
 RUNS = Source(f"{RUNS_DIR}/*.json", "`bench/record_run.py` (each file keeps its command, commit and output figures)")
 BACKBONE = Source("weights/embedded_backbone.json", "`make backbone` (`python -m pipelines.pretrain --ship`)")
 ABL_METHODS = ("full_rep_adapter,dyn_rep_adapter,abl_no_balanced_heads,abl_no_priority,abl_no_forward_sparsity,"

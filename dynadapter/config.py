@@ -131,7 +131,7 @@ class BaseSection(Section):
     seed: int = Field(0, ge=0, description="Global seed; the same seed gives the same data and models.")
     paths: PathsConfig = PathsConfig()
     tasks: list[str] = Field(
-        default_factory=lambda: ["count", "position", "orientation", "size", "digits"],
+        default_factory=lambda: ["count", "position", "orientation", "digits", "glyphs", "textures"],
         description="Downstream tasks the train/evaluate stages use (folder names under paths.data).",
     )
     backbone: BackboneConfig = BackboneConfig()

@@ -193,6 +193,37 @@ def test_each_ablation_removes_its_component_from_the_tuned_configuration(tmp_pa
         assert cfg[name if name != "abl_small_heads" else "dyn_adapter"][1].petl.method == "adapter"
 
 
+def test_val_macs_are_never_test_macs_for_a_data_dependent_method(tmp_path):
+    """Issue 24: summary.csv's val_macs_fraction held test MACs for every Dyn-Adapter row cached before val MACs
+    were recorded. Now a data-dependent row without them has none (and so does its suite mean); a static row's
+    val cost is its test cost by construction; `--resummarize` rewrites a finished run's files that way."""
+    import json
+
+    peers = _load_peers()
+    base = {"macs": 10.0, "step_seconds": 1.0, "memory": {"total": 1.0}, "points": []}
+
+    def row(family, macs, **extra):
+        return {"family": family, "macs": macs, "step_seconds": 1.0, "memory": {"total": 1.0}, "points": [], **extra}
+
+    assert peers.relative(row("dyn", 5.0), base)["val_macs_fraction"] is None
+    assert peers.relative(row("dyn", 5.0, val_macs=4.0), base)["val_macs_fraction"] == 0.4
+    assert peers.relative(row("truncation", 3.0), base)["val_macs_fraction"] == 0.3
+    # a finished run, resummarized: the old fallback's figure (the test MACs, 0.5) is gone, nothing else moves
+    per_task = {"full_adapter": {"t": {**row("full", 10.0), "method": "full_adapter", "val_macs_fraction": 1.0}},
+                "dyn_adapter": {"t": {**row("dyn", 5.0), "method": "dyn_adapter", "val_macs_fraction": 0.5}}}
+    for r in per_task.values():
+        r["t"].update(test_accuracy=0.8, val_accuracy=0.8, params={"trainable": 1, "trainable_without_heads": 1,
+                                                                   "backbone": 100})
+    (tmp_path / "peers.json").write_text(json.dumps({
+        "setup": {"tasks": ["t"], "frontier_method": "dyn_adapter"}, "curves": {"dyn_adapter": []},
+        "summary": [], "frontier": [], "target_50": None, "per_task": per_task}))
+    report = peers.resummarize(tmp_path)
+    by = {r["method"]: r for r in report["summary"]}
+    assert by["dyn_adapter"]["val_macs_fraction"] is None and by["dyn_adapter"]["macs_fraction"] == 0.5
+    assert by["full_adapter"]["val_macs_fraction"] == 1.0
+    assert "dyn_adapter,dyn,0.8,0.8,0.5,," in (tmp_path / "summary.csv").read_text()
+
+
 def test_frontier_picks_each_familys_operating_point_on_val_not_test():
     """Audit #14.4: the frontier used the best TEST accuracy within each budget (for DyT the best of four
     models by test). Each family's point is now chosen on val; test is only read off the chosen point."""

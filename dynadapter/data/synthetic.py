@@ -1,5 +1,9 @@
 """Embedded offline data: a seeded VTAB-1k-style downstream suite (the pretraining scenes are in upstream.py).
 
+The structured tasks (count, position, orientation, size) are drawn here with `Scene`, the pretraining scenes'
+kit, and each asks for a pretraining factor; the tasks the backbone never saw (digits, glyphs, textures) come
+from another renderer, `dynadapter.data.unseen`. `task_groups` tells the two apart.
+
 Every image comes from a numpy Generator seeded by (seed, task, split, chunk), drawn with PIL and PNG-encoded with
 fixed settings, so the same seed gives byte-identical data. Each example carries a difficulty in [0, 1] that
 drives contrast, noise, clutter, object scale and how close the label is to a class boundary: easy examples

@@ -8,13 +8,14 @@ cross-entropy per factor). The scenes mix all ten shapes, solid and outlined, wi
 background gradients.
 
 What this means for the downstream suite: the renderer shares its drawing kit (`Scene`, the shapes, the
-placement code, 32 px) with `dynadapter.data.synthetic`, and four of the five default suite tasks ask for a
-variable the backbone was trained to predict here: `count` is the factor count (the same 1-6), `position`
-is x and y (4x4 bins give the 3x3 cell almost always), `orientation` is angle (the same arrow and rotation
-convention), `size` is scale (the same radius ratio). Only `digits` asks for something no factor names. On
-those four tasks the `transfer` probe re-reads features trained for the same variable, so its margin over a
-random-init backbone is largely by construction; `digits` is the suite's real transfer test (BENCHMARKS.md
-§2.1).
+placement code, 32 px) with the structured tasks of `dynadapter.data.synthetic`, and each of them asks for a
+variable the backbone was trained to predict here: `count` is the factor count (the same 1-6), `position` is x
+and y (4x4 bins give the 3x3 cell almost always), `orientation` is angle (the same arrow and rotation
+convention), `size` is scale (the same radius ratio). On those tasks (the `shared` group) the `transfer` probe
+re-reads features trained for the same variable, so its margin over a random-init backbone is largely by
+construction. Half of the default suite is the `unseen` group: `digits`, `glyphs` and `textures`, drawn by
+`dynadapter.data.unseen` (another renderer, no code shared with this one) with labels no factor names; their
+probe margin is the transfer figure (`evaluate` reports the groups apart; BENCHMARKS.md §2.1).
 """
 
 from __future__ import annotations

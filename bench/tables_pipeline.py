@@ -63,17 +63,13 @@ def pipeline_default() -> str:
     return "\n".join(lines)
 
 
-def run_record(path: str) -> dict:
-    return read_json(path)
-
-
 def evaluate_of(record: dict) -> dict:
     return record["outputs"]["evaluate"]
 
 
 TARGET_RUNS = (("seed 0, committed run", lambda: read_json(DEFAULT.path)),
-               ("seed 0, fresh clone", lambda: evaluate_of(run_record(FRESH.path))),
-               ("seed 1", lambda: evaluate_of(run_record(SEED1.path))))
+               ("seed 0, fresh clone", lambda: evaluate_of(read_json(FRESH.path))),
+               ("seed 1", lambda: evaluate_of(read_json(SEED1.path))))
 
 
 def targets_of(m: dict) -> list[tuple[str, bool]]:

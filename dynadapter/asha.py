@@ -26,14 +26,14 @@ Ray is imported at the top: import this module only where Ray is wanted (`run_tu
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers.async_hyperband import AsyncHyperBandScheduler, _Bracket
 from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+from dynadapter.ray_session import read_storage_json, storage_file, write_storage_json
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +106,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
         if self._records is None:
             self._records = {}
             if getattr(trial, "storage", None) is not None:
-                import pyarrow.fs
-
-                fs, path = self._where(trial)
-                if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
-                    with fs.open_input_stream(path) as f:
-                        self._records = json.loads(f.readall().decode())
+                self._records = read_storage_json(*self._where(trial)) or {}
         return self._records
 
     def _save(self, trial, bracket, result: dict) -> None:
@@ -132,21 +127,11 @@ class ResumableASHA(AsyncHyperBandScheduler):
         if old == entry:
             return
         records[trial.trial_id] = entry
-        fs, path = self._where(trial)
-        with fs.open_output_stream(path + ".tmp") as f:  # written before Tune acts on the decision
-            f.write(json.dumps(records, sort_keys=True).encode())
-        fs.move(path + ".tmp", path)
+        write_storage_json(*self._where(trial), records)  # written before Tune acts on the decision
 
 
 def saved_results(experiment_path: str) -> dict[str, list[dict[str, Any]]]:
     """Every result `ResumableASHA` saw in the experiment at `experiment_path` (a local folder or a URI), per
     trial id, in time order; {} when it wrote none."""
-    import pyarrow.fs
-
-    uri = experiment_path if "://" in experiment_path else str(Path(experiment_path).resolve())
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    path = f"{path.rstrip('/')}/{STATE_FILE}"
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return {}
-    with fs.open_input_stream(path) as f:
-        return {t: list(e.get("results", [])) for t, e in json.loads(f.readall().decode()).items()}
+    records = read_storage_json(*storage_file(experiment_path, STATE_FILE)) or {}
+    return {t: list(e.get("results", [])) for t, e in records.items()}

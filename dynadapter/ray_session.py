@@ -4,9 +4,11 @@ the storage paths Ray Train and Tune write checkpoints to. Ray is imported lazil
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("dynadapter", "pipelines")  # the packages a worker imports (pipelines: functions its stages send)
@@ -77,6 +79,31 @@ def storage_uri(path: str | Path) -> str:
     """A storage path as Ray Train / Tune take it: a URI as it is, a local path made absolute."""
     path = str(path)
     return path if "://" in path else str(Path(path).resolve())
+
+
+def storage_file(folder: str | Path, name: str):
+    """(pyarrow filesystem, path) of file `name` in a storage folder (a local path or a URI)."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage_uri(folder))
+    return fs, f"{path.rstrip('/')}/{name}"
+
+
+def read_storage_json(fs, path: str) -> Any | None:
+    """The JSON file at `path` on `fs` (from `storage_file`), None when there is none."""
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.readall().decode())
+
+
+def write_storage_json(fs, path: str, value: Any) -> None:
+    """Write `value` as JSON at `path` on `fs` atomically: to a temporary name, then moved over the old file."""
+    with fs.open_output_stream(path + ".tmp") as f:
+        f.write(json.dumps(value, sort_keys=True).encode())
+    fs.move(path + ".tmp", path)
 
 
 def code_runtime_env() -> dict | None:

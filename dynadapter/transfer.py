@@ -52,10 +52,15 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Te
 PROBES = ("probe_val", "random_init_probe_val", "pixel_probe_val")
 
 
+def _margin(probes: Mapping[str, float]) -> float:
+    """How far the backbone's probe is above the better of the two references."""
+    return probes["probe_val"] - max(probes["random_init_probe_val"], probes["pixel_probe_val"])
+
+
 def _summary(tasks: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """The unweighted task means of each probe, and the margin of the backbone over the better reference."""
     out = {k: sum(t[k] for t in tasks.values()) / len(tasks) for k in PROBES}
-    return {**out, "margin": out["probe_val"] - max(out["random_init_probe_val"], out["pixel_probe_val"])}
+    return {**out, "margin": _margin(out)}
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class TransferReport:
     @property
     def margin(self) -> float:
         """How far the backbone's probe is above the better of the two references."""
-        return self.probe_val - max(self.random_init_probe_val, self.pixel_probe_val)
+        return _margin({k: getattr(self, k) for k in PROBES})
 
     def group_summaries(self) -> dict[str, dict]:
         """Per group of tasks: its tasks, the mean of each probe and the margin (a group with no task is left out)."""

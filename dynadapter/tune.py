@@ -8,7 +8,6 @@ Ray is imported lazily, so importing this module has no Ray side effects.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping
@@ -21,7 +20,8 @@ import yaml
 
 from dynadapter.config import Params, RayConfig, TrainConfig, TuneConfig
 from dynadapter.distributed import how_many_fit
-from dynadapter.ray_session import check_shared_storage, init_ray, storage_uri
+from dynadapter.ray_session import (check_shared_storage, init_ray, read_storage_json, storage_file,
+                                    storage_uri, write_storage_json)
 from dynadapter.trial import CURVE_METRIC, METRIC, OBJECTIVES, TrialSpec, train_worker
 
 # re-exported: the names users and tests import from here
@@ -371,18 +371,9 @@ SECONDS_FILE = "dynadapter_seconds.json"
 def add_sweep_seconds(experiment: str, seconds: float) -> float:
     """Adds `seconds` to the wall time recorded in the experiment folder (a local path or a URI) and returns the
     total: a sweep resumed from its finished state reports the time it took, not the second the resume took."""
-    import pyarrow.fs
-
-    uri = experiment if "://" in experiment else str(Path(experiment).resolve())
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    path = f"{path.rstrip('/')}/{SECONDS_FILE}"
-    total = seconds
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
-        with fs.open_input_stream(path) as f:
-            total += float(json.loads(f.readall().decode())["seconds"])
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(json.dumps({"seconds": total}).encode())
-    fs.move(path + ".tmp", path)
+    fs, path = storage_file(experiment, SECONDS_FILE)
+    total = seconds + float((read_storage_json(fs, path) or {"seconds": 0.0})["seconds"])
+    write_storage_json(fs, path, {"seconds": total})
     return total
 
 

@@ -459,6 +459,7 @@ def task_groups(tasks: Sequence[str]) -> dict[str, list[str]]:
         raise DataError(f"unknown embedded task(s) {unknown}; known: {sorted(TASKS)}")
     return {g: [t for t in tasks if (TASKS[t].pretraining_factor is None) == (g == "unseen")] for g in GROUPS}
 
+
 def generate_task(name: str, cfg: EmbeddedDataConfig, seed: int, progress: bool = True,
                   workers: int | None = None) -> GeneratedTask:
     """One downstream task from TASKS, split sizes from cfg."""

@@ -108,7 +108,9 @@ def pipeline_targets() -> str:
 
 
 def minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(round(seconds % 60)):02d}"
+    """Seconds as min:s, rounded to the second (1319.8 s is 22:00, never 21:60)."""
+    total = round(seconds)
+    return f"{total // 60}:{total % 60:02d}"
 
 
 @table("pipeline.runs", RUNS)

@@ -114,3 +114,10 @@ def test_tables_are_read_from_their_files_without_torch():
             "assert 'torch' not in sys.modules, 'rendering imported torch'")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_run_times_round_to_whole_seconds_without_a_sixtieth(tables):
+    """pipeline.runs printed a 1319.8 s pytest run as 21:60."""
+    import tables_pipeline  # on sys.path once bench/tables.py is loaded
+
+    assert [tables_pipeline.minutes(s) for s in (1319.81, 556.4, 59.4, 60.0)] == ["22:00", "9:16", "0:59", "1:00"]

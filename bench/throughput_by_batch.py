@@ -12,7 +12,14 @@ stage cost table). Reported per batch size: images/s of both, their ratio, and t
 
 With --profile, where the time goes at each batch size (embedding, stages, exit heads, the rest) for both paths.
 
+With --geometry NAME (a timm ViT, e.g. vit_tiny_patch16_224), the same measurement at a real checkpoint's shape:
+the first task's exits are replayed on a randomly initialised NAME built with the default model config (merged
+Rep-Adapter, balanced heads). Its thresholds are set so that as many random images leave at each exit as the
+default run's test images do (`replay_thresholds`), so f is the same and only the kernels differ. Timing only: its
+predictions mean nothing. Writes bench/results/throughput_geometry_<NAME>.json.
+
     .venv/bin/python bench/throughput_by_batch.py [--tasks size] [--images 512] [--repeats 5] [--profile]
+    .venv/bin/python bench/throughput_by_batch.py --geometry vit_tiny_patch16_224 --images 256 --repeats 3
     .venv/bin/python bench/throughput_by_batch.py --tables   # BENCHMARKS.md §5's table from the result file
 
 Writes bench/results/throughput_by_batch.json. About 2 minutes for the whole suite on the 2-core machine.
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "throughput_by_batch.json"
+GEOMETRY_OUT = str(ROOT / "bench" / "results" / "throughput_geometry_{}.json")  # .format(timm name)
 BATCHES = [1, 4, 16, 64, 256]
 TARGET = {1: 0.8, 4: 0.8, 16: 0.8, 64: 0.8, 256: 0.9}
 
@@ -125,6 +133,62 @@ def profile(model, x: torch.Tensor) -> list[dict]:
         for name in parts:
             delattr(model, name)  # back to the class's methods
     return out
+
+
+def geometry_model(params, name: str, num_classes: int):
+    """A randomly initialised timm `name` (no download) with the default run's model config, merged for inference."""
+    import torch
+
+    from dynadapter.config import BackboneConfig
+    from dynadapter.models import build_model, merge_petl
+
+    torch.manual_seed(params.base.seed)
+    model = build_model(BackboneConfig(name=name, overrides={}), params.base.model, num_classes).eval()
+    merge_petl(model)
+    return model
+
+
+def replay_thresholds(model, x: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """Thresholds under which as many of the images `x` leave at each exit as `target` (one exit index per image)
+    holds: at exit s, the images still in flight with the k_s highest confidences leave (k_s = target's count)."""
+    import torch
+
+    from dynadapter.models.dyn_vit import MAX_CONFIDENCE, confidence_score
+
+    counts = torch.bincount(target, minlength=len(model.exits)).tolist()
+    with torch.inference_mode():
+        scores = [confidence_score(logits, model.confidence) for logits in model(x)]
+    alive = torch.ones(x.shape[0], dtype=torch.bool)
+    thresholds = []
+    for s, k in enumerate(counts[:-1]):
+        if k == 0:
+            thresholds.append(MAX_CONFIDENCE + 1.0)  # nobody leaves: the head is skipped, as evaluate's would be
+            continue
+        th = float(scores[s][alive].sort(descending=True).values[k - 1])
+        thresholds.append(th)
+        alive &= scores[s] < th
+    return thresholds + [0.0]
+
+
+def replayed_geometry(params, name: str, task: str, images: int, repeats: int) -> dict:
+    """`by_batch` on a random-init `name` whose exits replay `task`'s default-run exits on `images` inputs."""
+    import torch
+
+    from dynadapter.inference import run_dynamic
+
+    trained, x = calibrated_model(params, task)
+    target = run_dynamic(trained, x[:images])[1]
+    model = geometry_model(params, name, trained.num_classes)
+    size = model.backbone.patch_embed.img_size
+    gen = torch.Generator().manual_seed(params.base.seed)
+    inputs = torch.randn(target.numel(), 3, *size, generator=gen)
+    model.set_thresholds(replay_thresholds(model, inputs, target))
+    exits = run_dynamic(model, inputs)[1]
+    shares = lambda e: (torch.bincount(e, minlength=len(model.exits)).double() / e.numel()).tolist()  # noqa: E731
+    return {"geometry": name, "task": task, "embed_dim": model.backbone.embed_dim, "tokens": int(
+                model.backbone.patch_embed.num_patches + model.backbone.num_prefix_tokens),
+            "exit_shares_replayed": shares(target), "exit_shares": shares(exits),
+            "rows": by_batch(model, inputs, exits, repeats)}
 
 
 STAGE_IMAGES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -228,6 +292,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def geometry_markdown(result: dict) -> str:
+    """The by-batch table of a `--geometry` run."""
+    shares = ", ".join(f"{100 * v:.1f} %" for v in result["exit_shares"])
+    lines = [f"`{result['command']}` ({result['threads']} threads; {result['geometry']}, width "
+             f"{result['embed_dim']}, {result['tokens']} tokens, random init; {result['images']} images leaving at "
+             f"the exits as {result['task']}'s test images do: {shares}; median of {result['repeats']} interleaved "
+             "repeats)", "",
+             "| batch | dynamic img/s | full depth img/s | ratio | limit 1/f | share of the limit | target |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['batch']} | {r['dynamic_images_per_s']:.1f} | {r['full_images_per_s']:.1f} | "
+                     f"{r['ratio']:.2f}× | {r['limit']:.2f}× | {r['share_of_limit']:.2f} | {TARGET[r['batch']]:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -236,10 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--profile", action="store_true", help="also break the time down (first task)")
+    ap.add_argument("--geometry", default=None, metavar="TIMM_NAME",
+                    help="replay the first task's exits on a random-init timm ViT of this name (timing only)")
     ap.add_argument("--tables", action="store_true", help="print BENCHMARKS.md's table from the result file")
     args = ap.parse_args(argv)
     if args.tables:
         print(markdown(json.loads(OUT.read_text())))
+        for path in sorted(OUT.parent.glob(Path(GEOMETRY_OUT.format("*")).name)):
+            print("\n" + geometry_markdown(json.loads(path.read_text())))
         return 0
     import torch
 
@@ -249,10 +332,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     params = load_params(args.params)
     tasks = args.tasks.split(",") if args.tasks else params.base.tasks
-    result = {"command": ".venv/bin/python bench/throughput_by_batch.py " + " ".join(argv if argv is not None
-                                                                                      else sys.argv[1:]),
-              "threads": torch.get_num_threads(), "images": args.images, "repeats": args.repeats, "tasks": tasks,
-              "per_task": {}}
+    command = ".venv/bin/python bench/throughput_by_batch.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.geometry:
+        start = time.perf_counter()
+        result = {"command": command, "threads": torch.get_num_threads(), "images": args.images,
+                  "repeats": args.repeats,
+                  **replayed_geometry(params, args.geometry, tasks[0], args.images, args.repeats),
+                  "seconds": None}
+        result["seconds"] = time.perf_counter() - start
+        out = Path(GEOMETRY_OUT.format(args.geometry))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(geometry_markdown(result))
+        return 0
+    result = {"command": command, "threads": torch.get_num_threads(), "images": args.images,
+              "repeats": args.repeats, "tasks": tasks, "per_task": {}}
     start = time.perf_counter()
     for task in tasks:
         model, x = calibrated_model(params, task)

@@ -3,6 +3,7 @@ copy of the project for the `dvc repro` tests."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -157,3 +158,14 @@ class FailsOnce:
                 else:
                     self.fail()
         return super().__getattribute__(name)
+
+
+def load_bench(script: str):
+    """bench/<script>.py as a module (bench/ is not a package), loaded once per session as bench_<script>."""
+    name = f"bench_{script}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]

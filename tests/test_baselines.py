@@ -146,18 +146,9 @@ def test_compare_throughput_times_each_function_on_the_same_batch():
 
 
 def _load_peers():
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from helpers import load_bench
 
-    if "bench_peers" in sys.modules:
-        return sys.modules["bench_peers"]
-    path = Path(__file__).resolve().parents[1] / "bench" / "peers.py"
-    spec = importlib.util.spec_from_file_location("bench_peers", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("peers")
 
 
 def test_each_ablation_removes_its_component_from_the_tuned_configuration(tmp_path):

@@ -7,7 +7,6 @@ that a stale block is found and rewritten. They read files only: no training, no
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,12 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tables():
     """bench/tables.py as a module (bench/ is not a package)."""
-    if "bench_tables" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "bench" / "tables.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_tables"] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules["bench_tables"]
+    from helpers import load_bench
+
+    return load_bench("tables")
 
 
 def test_the_docs_equal_what_the_result_files_generate(tables, capsys):

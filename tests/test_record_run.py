@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from helpers import load_bench
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("record_run", BENCH / "record_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("record_run")
 
 
 def test_pytest_summary_reads_the_closing_line():

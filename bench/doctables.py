@@ -171,6 +171,16 @@ def header(*names: str) -> list[str]:
     return [row(*names), "|" + "---|" * len(names)]
 
 
+def per_seed(values: list, fmt: str) -> str:
+    """Values of the seeds, formatted and joined by ' / ' (a missing one is left out)."""
+    return " / ".join(fmt.format(v) for v in values if v is not None)
+
+
+def seeds_and_mean(values: list[float], fmt: str = "{:.3f}") -> str:
+    """'a / b (mean)' of a figure over the seeds."""
+    return f"{per_seed(values, fmt)} ({fmt.format(sum(values) / len(values))})"
+
+
 def pt(delta: float, digits: int = 1) -> str:
     """An accuracy difference in points, signed (a difference that rounds to zero is written unsigned)."""
     text = f"{100 * delta:+.{digits}f}"

@@ -12,14 +12,15 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from doctables import ROOT, Source, header, pt, read_json, row, table
+from doctables import ROOT, Source, header, pt, read_json, row, seeds_and_mean, table
 
 DEFAULT = Source("outputs/evaluate/metrics.json", "`make repro` (committed with `dvc.lock`)")
 RUNS_DIR = "bench/results/pipeline_runs"
 FRESH = Source(f"{RUNS_DIR}/fresh_clone_repro.json", "`.venv/bin/python bench/record_run.py --name "
                "fresh_clone_repro --cwd <a fresh git clone> -- make repro`")
-SEED1 = Source(f"{RUNS_DIR}/seed1.json", "`.venv/bin/python bench/record_run.py --name seed1 --cwd <that clone> "
-               "-- bash -c 'source .venv/bin/activate && dvc exp run -S base.seed=1'`")
+SEED1 = Source(f"{RUNS_DIR}/heads_w020_seed1.json", "`.venv/bin/python bench/record_run.py --name heads_w020_seed1 "
+               "--cwd <a fresh clone> -- bash -c 'source .venv/bin/activate && dvc exp run -S base.model.heads.width=0.2 "
+               "-S base.seed=1'` (params.yaml's default since)")
 RUNS = Source(f"{RUNS_DIR}/*.json", "`bench/record_run.py` (each file keeps its command, commit and output figures)")
 BACKBONE = Source("weights/embedded_backbone.json", "`make backbone` (`python -m pipelines.pretrain --ship`)")
 ABL_METHODS = ("full_rep_adapter,dyn_rep_adapter,abl_no_balanced_heads,abl_no_priority,abl_no_forward_sparsity,"
@@ -130,6 +131,31 @@ def pipeline_runs() -> str:
                          (f"{r['pytest']['summary']} in {minutes(r['pytest']['seconds'])}") if r["pytest"] else "",
                          suite, f"{unseen['dyn_test_accuracy']:.4f} / {unseen['baseline_test_accuracy']:.4f}"
                          if unseen else ""))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ §10 the heads' width
+
+HEADS_RUNS = {0.25: ("fresh_clone_repro", "seed1"), 0.2: ("heads_w020_seed0", "heads_w020_seed1")}
+HEADS = tuple(Source(f"{RUNS_DIR}/{name}.json", "`.venv/bin/python bench/record_run.py --name " + name +
+                     " --cwd <a fresh clone> -- " + ("make repro" if name == "fresh_clone_repro" else "bash -c "
+                     "'source .venv/bin/activate && dvc exp run -S ...'") + "` (the file keeps the exact command)")
+              for names in HEADS_RUNS.values() for name in names)
+
+
+@table("pipeline.heads_width", *HEADS)
+def pipeline_heads_width() -> str:
+    """The default pipeline at heads.width 0.25 and 0.2, seeds 0 and 1: val decides, test is read afterwards."""
+    lines = header("heads.width", "trainable % (suite mean)", "Dyn-Adapter val acc at 0.5, seed 0 / 1 (mean)",
+                   "test acc at 0.5, seed 0 / 1 (mean)", "full depth test acc, seed 0 / 1",
+                   "Dyn-Adapter − full depth, seed 0 / 1")
+    for width, names in HEADS_RUNS.items():
+        runs = [evaluate_of(read_json(f"{RUNS_DIR}/{name}.json")) for name in names]
+        lines.append(row(width, f"{100 * runs[0]['trainable_params_fraction']:.2f}",
+                         seeds_and_mean([r["dyn_val_accuracy"] for r in runs], "{:.4f}"),
+                         seeds_and_mean([r["dyn_test_accuracy"] for r in runs], "{:.4f}"),
+                         " / ".join(f"{r['baseline_test_accuracy']:.4f}" for r in runs),
+                         " / ".join(f"{pt(r['dyn_test_accuracy'] - r['baseline_test_accuracy'])} pt" for r in runs)))
     return "\n".join(lines)
 
 

@@ -12,7 +12,8 @@ import statistics
 
 from collections.abc import Callable
 
-from doctables import ROOT, Source, bench_module, header, mib, pt, read_json, row, table, tables_of
+from doctables import (ROOT, Source, bench_module, header, mib, per_seed, pt, read_json, row, seeds_and_mean, table,
+                       tables_of)
 
 # ------------------------------------------------------------------------------------------ §2.2 dyn vs full depth
 
@@ -170,16 +171,6 @@ def by_method(report: dict) -> dict[str, dict]:
 def acc_at(r: dict | None) -> str:
     """Test accuracy @ MACs fraction of a suite row or curve point ('not run' for none)."""
     return "not run" if r is None else f"{r['test_accuracy']:.4f} @ {r['macs_fraction']:.3f}"
-
-
-def per_seed(values: list, fmt: str) -> str:
-    """Values of the seeds, formatted and joined by ' / ' (a missing one is left out)."""
-    return " / ".join(fmt.format(v) for v in values if v is not None)
-
-
-def seeds_and_mean(values: list[float], fmt: str = "{:.3f}") -> str:
-    """'a / b (mean)' of a figure over the seeds."""
-    return f"{per_seed(values, fmt)} ({fmt.format(statistics.mean(values))})"
 
 
 def effects(default: list[float], ablated: list[float]) -> str:
@@ -430,6 +421,19 @@ script_tables("throughput_by_batch", THROUGHPUT,
               ("throughput.by_batch", "throughput.profile", "throughput.stage", "throughput.bound"))
 script_tables("searchers", SEARCHERS, ("searchers.best", "searchers.best_after_k", "searchers.evidence",
                                        "searchers.winners"))
+
+
+GEOMETRY_COMMAND = "`.venv/bin/python bench/throughput_by_batch.py --geometry {} --images 256 --repeats 3`"
+
+
+def geometry_table(name: str) -> None:
+    """Register the by-batch table of a `--geometry <name>` run as throughput.geometry.<name>."""
+    source = Source(f"bench/results/throughput_geometry_{name}.json", GEOMETRY_COMMAND.format(name))
+    table(f"throughput.geometry.{name}", source)(
+        lambda: tables_of(bench_module("throughput_by_batch").geometry_markdown(read_json(source.path)))[0])
+
+
+geometry_table("vit_tiny_patch16_224")
 
 
 @table("throughput.per_task", THROUGHPUT)

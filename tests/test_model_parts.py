@@ -317,3 +317,21 @@ def test_merged_linear_stays_on_the_branchs_device(cls, bias):
     assert isinstance(merged, nn.Linear) and not any(p.requires_grad for p in merged.parameters())
     assert {p.device.type for p in merged.parameters()} == {"meta"}
     assert merged.weight.shape == (6, 6)
+
+
+def test_the_shipped_default_trains_at_most_5_percent_of_the_backbone():
+    """Issue 25: params.yaml's default Dyn-Adapter (Rep-Adapter + balanced heads at heads.width) trains at most
+    5 % of the backbone's parameters on every default task, whatever its class count (the heads' last layers grow
+    with it: width 0.25 gave 5.01 % on the six-task suite)."""
+    from dynadapter.config import load_params
+    from dynadapter.data import TASKS
+    from dynadapter.models import count_parameters
+    from helpers import ROOT
+
+    params = load_params(ROOT / "params.yaml")
+    fractions = {}
+    for task in params.base.tasks:
+        n = count_parameters(build_model(params.base.backbone, params.base.model, TASKS[task].num_classes))
+        fractions[task] = n["trainable"] / n["backbone"]
+    assert max(fractions.values()) <= 0.05, fractions
+    assert min(fractions.values()) > 0.04, fractions  # the adapters are there: not a count of nothing

@@ -16,8 +16,9 @@ from doctables import ROOT, Source, header, pt, read_json, row, seeds_and_mean, 
 
 DEFAULT = Source("outputs/evaluate/metrics.json", "`make repro` (committed with `dvc.lock`)")
 RUNS_DIR = "bench/results/pipeline_runs"
-FRESH = Source(f"{RUNS_DIR}/fresh_clone_repro.json", "`.venv/bin/python bench/record_run.py --name "
-               "fresh_clone_repro --cwd <a fresh git clone> -- make repro`")
+FRESH = Source(f"{RUNS_DIR}/fresh_clone_repro_w020.json", "`.venv/bin/python bench/record_run.py --name "
+               "fresh_clone_repro_w020 --cwd <a fresh git clone, after its make test> -- bash -c "
+               "'rm -rf outputs/tune models/checkpoints/tune && make repro'`")
 SEED1 = Source(f"{RUNS_DIR}/heads_w020_seed1.json", "`.venv/bin/python bench/record_run.py --name heads_w020_seed1 "
                "--cwd <a fresh clone> -- bash -c 'source .venv/bin/activate && dvc exp run -S base.model.heads.width=0.2 "
                "-S base.seed=1'` (params.yaml's default since)")

@@ -20,7 +20,7 @@ predictions mean nothing. Writes bench/results/throughput_geometry_<NAME>.json.
 
     .venv/bin/python bench/throughput_by_batch.py [--tasks size] [--images 512] [--repeats 5] [--profile]
     .venv/bin/python bench/throughput_by_batch.py --geometry vit_tiny_patch16_224 --images 256 --repeats 3
-    .venv/bin/python bench/throughput_by_batch.py --tables   # BENCHMARKS.md §5's table from the result file
+    .venv/bin/python bench/throughput_by_batch.py --tables   # BENCHMARKS.md §8's tables from the result files
 
 Writes bench/results/throughput_by_batch.json. About 2 minutes for the whole suite on the 2-core machine.
 """

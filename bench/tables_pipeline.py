@@ -138,10 +138,7 @@ def pipeline_runs() -> str:
 # ------------------------------------------------------------------------------------------ §10 the heads' width
 
 HEADS_RUNS = {0.25: ("fresh_clone_repro", "seed1"), 0.2: ("heads_w020_seed0", "heads_w020_seed1")}
-HEADS = tuple(Source(f"{RUNS_DIR}/{name}.json", "`.venv/bin/python bench/record_run.py --name " + name +
-                     " --cwd <a fresh clone> -- " + ("make repro" if name == "fresh_clone_repro" else "bash -c "
-                     "'source .venv/bin/activate && dvc exp run -S ...'") + "` (the file keeps the exact command)")
-              for names in HEADS_RUNS.values() for name in names)
+HEADS = tuple(Source(f"{RUNS_DIR}/{name}.json", RUNS.command) for names in HEADS_RUNS.values() for name in names)
 
 
 @table("pipeline.heads_width", *HEADS)

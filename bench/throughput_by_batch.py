@@ -44,9 +44,13 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "throughput_by_batch.json"
-GEOMETRY_OUT = str(ROOT / "bench" / "results" / "throughput_geometry_{}.json")  # .format(timm name)
 BATCHES = [1, 4, 16, 64, 256]
 TARGET = {1: 0.8, 4: 0.8, 16: 0.8, 64: 0.8, 256: 0.9}
+
+
+def geometry_out(name: str) -> Path:
+    """The result file of a `--geometry name` run (name may be a glob pattern)."""
+    return OUT.parent / f"throughput_geometry_{name}.json"
 
 
 def calibrated_model(params, task: str):
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.tables:
         print(markdown(json.loads(OUT.read_text())))
-        for path in sorted(OUT.parent.glob(Path(GEOMETRY_OUT.format("*")).name)):
+        for path in sorted(OUT.parent.glob(geometry_out("*").name)):
             print("\n" + geometry_markdown(json.loads(path.read_text())))
         return 0
     import torch
@@ -337,10 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result = {"command": command, "threads": torch.get_num_threads(), "images": args.images,
                   "repeats": args.repeats,
-                  **replayed_geometry(params, args.geometry, tasks[0], args.images, args.repeats),
-                  "seconds": None}
+                  **replayed_geometry(params, args.geometry, tasks[0], args.images, args.repeats)}
         result["seconds"] = time.perf_counter() - start
-        out = Path(GEOMETRY_OUT.format(args.geometry))
+        out = geometry_out(args.geometry)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(geometry_markdown(result))

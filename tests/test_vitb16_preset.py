@@ -61,9 +61,9 @@ def test_vitb16_from_a_google_npz_costs_17_58_gmacs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, overrides, gmacs, tasks", [
-    # the preset's backbone, in every `make test`, on one task (the tiny case below checks two tasks' plumbing):
-    # about 1 min on a lightly loaded 2-core box (two tasks took 2:03 on an idle one, 2:19 in a full suite run),
-    # several times that with the 2 cores loaded by other test runs; its own limit, 20 min, leaves room for such a box
+    # the preset's backbone, in every `make test`, on one task (the tiny case below checks two tasks' plumbing);
+    # two tasks took 2:03 on an idle 2-core box and 2:19 in a full suite run (one task is not timed alone), several
+    # times that with the 2 cores loaded by other test runs; its own limit, 20 min, leaves room for such a box
     pytest.param("vit_base_patch16_224", {}, VITB16_GMACS, ["eurosat"], marks=pytest.mark.timeout(1200)),
     ("vit_tiny_patch16_224", {"img_size": 32, "depth": 4}, None, list(TASKS)),  # the same plumbing in seconds
 ], ids=["vitb16", "tiny"])

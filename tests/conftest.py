@@ -28,7 +28,7 @@ def ray_session():
 # before the in-process session Ray exists: with two local Ray instances on one machine and no RAY_ADDRESS,
 # Ray Train's placement-group cleaner (State API, address auto-detected) cannot tell them apart and fails,
 # so a finished trial's workers are never freed (seen: the next trial waits forever).
-FIRST = ("test_dvc_pipeline.py", "test_dvc_interrupted.py", "test_cluster.py")
+FIRST = ("test_dvc_pipeline.py",)
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,4 +1,4 @@
-"""A Ray head of our own on 127.0.0.1 for tests (tests/test_ray_job.py, tests/test_cluster.py): its own
+"""A Ray head of our own on 127.0.0.1 for tests (tests/test_ray_job.py): its own
 processes, started from this venv's `ray` CLI, with token authentication and every port free-picked.
 
 It is separate from the in-process Ray of conftest's `ray_session` (own temp dir); it is stopped by signalling

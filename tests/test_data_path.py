@@ -7,7 +7,7 @@
   evaluation) as the float data the local pipeline uses; throughput is timed on the evaluation's device.
 
 Ray itself is replaced by a recording stand-in (`FakeRay`): these are contracts on what the driver submits and
-holds, not on Ray (tests/test_cluster.py runs the stages on a real head).
+holds, not on Ray (tests/test_ray_job.py runs the stages on a real head).
 """
 
 from __future__ import annotations

@@ -470,7 +470,7 @@ def check_train_eval_ray(shapes: Shapes, device: str) -> str:
 
 
 def check_dynamic(shapes: Shapes, device: str) -> str:
-    from dynadapter.inference import dynamic_macs, measure_stage_costs
+    from dynadapter.inference import dynamic_macs, exit_shares, measure_stage_costs
     from dynadapter.inference.runtime import dynamic_vs_full
     from dynadapter.models.dyn_vit import confidence_score
 
@@ -502,7 +502,7 @@ def check_dynamic(shapes: Shapes, device: str) -> str:
             raise AssertionError(f"batch {batch}: no throughput measured ({cmp})")
         parts.append(f"batch {batch}: {cmp.speedup:.2f}x ({cmp.dynamic_images_per_s:.0f} vs "
                      f"{cmp.full_images_per_s:.0f} img/s)")
-    shares = torch.bincount(exits.cpu(), minlength=len(th)).div(largest).tolist()
+    shares = exit_shares(exits, len(th))
     return (f"dynamic vs full depth, {'; '.join(parts)}; {fraction:.3f} of full-depth MACs at batch {largest} "
             f"(exit shares {', '.join(f'{s:.2f}' for s in shares)})")
 

@@ -178,7 +178,7 @@ def replayed_geometry(params, name: str, task: str, images: int, repeats: int) -
     """`by_batch` on a random-init `name` whose exits replay `task`'s default-run exits on `images` inputs."""
     import torch
 
-    from dynadapter.inference import run_dynamic
+    from dynadapter.inference import exit_shares, run_dynamic
 
     trained, x = calibrated_model(params, task)
     target = run_dynamic(trained, x[:images])[1]
@@ -188,10 +188,10 @@ def replayed_geometry(params, name: str, task: str, images: int, repeats: int) -
     inputs = torch.randn(target.numel(), 3, *size, generator=gen)
     model.set_thresholds(replay_thresholds(model, inputs, target))
     exits = run_dynamic(model, inputs)[1]
-    shares = lambda e: (torch.bincount(e, minlength=len(model.exits)).double() / e.numel()).tolist()  # noqa: E731
     return {"geometry": name, "task": task, "embed_dim": model.backbone.embed_dim, "tokens": int(
                 model.backbone.patch_embed.num_patches + model.backbone.num_prefix_tokens),
-            "exit_shares_replayed": shares(target), "exit_shares": shares(exits),
+            "exit_shares_replayed": exit_shares(target, len(model.exits)),
+            "exit_shares": exit_shares(exits, len(model.exits)),
             "rows": by_batch(model, inputs, exits, repeats)}
 
 

@@ -606,3 +606,11 @@ def test_curve_at_budgets_fills_budgets_whose_point_was_deduplicated():
     assert 0.2 not in at  # below every feasible budget
     assert at[0.3]["test_accuracy"] == 0.4 and at[0.35]["test_accuracy"] == 0.4
     assert at[0.4]["test_accuracy"] == 0.5 and at[1.0]["test_accuracy"] == 0.5
+
+
+def test_exit_shares_counts_every_exit_including_untaken_ones():
+    from dynadapter.inference import exit_shares
+
+    assert exit_shares(torch.tensor([0, 0, 3, 1]), 4) == [0.5, 0.25, 0.0, 0.25]
+    assert exit_shares(torch.tensor([[2], [2]]), 3) == [0.0, 0.0, 1.0]  # any shape: one entry per sample
+    assert exit_shares(torch.empty(0, dtype=torch.long), 2) == [0.0, 0.0]  # no samples: no share, no division

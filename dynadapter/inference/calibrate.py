@@ -29,6 +29,7 @@ from dynadapter.devices import module_device
 from dynadapter.inference.flops import StageCosts
 from dynadapter.models import confidence_score
 from dynadapter.inference.guarantee import ALWAYS, NEVER, PathStats, path_stats
+from dynadapter.inference.runtime import exit_shares
 from dynadapter.models.dyn_vit import MAX_CONFIDENCE
 
 # NEVER: a threshold above any confidence in [0, 1]: nobody leaves at that exit, and its head is skipped;
@@ -551,8 +552,8 @@ def evaluate_thresholds(
 ) -> Evaluation:
     """Apply thresholds chosen on validation to held-out data: accuracy, mean MACs, exit shares."""
     sim = simulate(test_logits, test_labels, thresholds, costs, confidence)
-    shares = torch.bincount(sim.exit_index.cpu(), minlength=costs.num_exits).double() / sim.exit_index.numel()
-    return Evaluation(sim.accuracy, sim.mean_macs, sim.mean_macs / costs.full_depth_baseline(), shares.tolist())
+    return Evaluation(sim.accuracy, sim.mean_macs, sim.mean_macs / costs.full_depth_baseline(),
+                      exit_shares(sim.exit_index, costs.num_exits))
 
 
 def compare_modes(

@@ -41,6 +41,13 @@ def measure_throughput(
     return x.shape[0] / max(seconds, 1e-12)
 
 
+def exit_shares(exit_index: torch.Tensor, num_exits: int) -> list[float]:
+    """The share of samples leaving at each of `num_exits` exits (zeros for an exit nobody takes; all zeros when
+    `exit_index` is empty). `exit_index` may live on any device."""
+    counts = torch.bincount(exit_index.detach().reshape(-1).cpu(), minlength=num_exits).double()
+    return (counts / max(exit_index.numel(), 1)).tolist()
+
+
 @torch.inference_mode()
 def full_depth_forward(model: DynAdapterViT, x: torch.Tensor) -> torch.Tensor:
     """The static model's forward: every stage, only the last head (what `full_depth_baseline()` costs)."""
@@ -97,9 +104,8 @@ def dynamic_vs_full(
             exits = model.forward_dynamic(x, thresholds).exit_index
     finally:
         model.train(was_training)
-    n = x.shape[0]
-    shares = torch.bincount(exits, minlength=len(model.exits)).double() / max(n, 1)
-    return ThroughputComparison(ips["dynamic"], ips["full"], ips["dynamic"] / ips["full"], n, shares.tolist())
+    return ThroughputComparison(ips["dynamic"], ips["full"], ips["dynamic"] / ips["full"], x.shape[0],
+                                exit_shares(exits, len(model.exits)))
 
 
 @torch.no_grad()
@@ -134,6 +140,7 @@ __all__ = [
     "ThroughputComparison",
     "compare_throughput",
     "dynamic_vs_full",
+    "exit_shares",
     "full_depth_forward",
     "measure_throughput",
     "run_dynamic",

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 # Before anything imports Ray or DeepSpeed: no telemetry, and DeepSpeed JIT-builds only the ops it needs.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_BUILD_OPS", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_mlruns_in_the_checkout():
+    """A test that creates an MLflow experiment without an artifact location logs into ./mlruns of the cwd, the
+    checkout: the session fails if one appeared (it held pickled test models once)."""
+    mlruns = Path(__file__).resolve().parents[1] / "mlruns"
+    existed = mlruns.exists()
+    yield
+    if not existed and mlruns.exists():
+        pytest.fail(f"the tests wrote MLflow artifacts into {mlruns}: give the experiment an artifact_location")
 
 
 @pytest.fixture(scope="session")

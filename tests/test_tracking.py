@@ -370,8 +370,9 @@ OLD, NEW = 1.0, 2.0  # what the incumbent's and the candidate's logged models an
 
 
 @pytest.fixture(scope="module")
-def exp_id(client):
-    return client.create_experiment("exp-promote")
+def exp_id(client, tmp_path_factory):
+    # artifacts under the test's temp dir: MLflow's default artifact root is ./mlruns in the cwd (the checkout)
+    return client.create_experiment("exp-promote", artifact_location=tmp_path_factory.mktemp("promote").as_uri())
 
 
 @pytest.mark.parametrize("i,before,candidate,promoted", [(i, *c) for i, c in enumerate(PROMOTION_CASES)])

@@ -34,6 +34,8 @@ from test_pipelines import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = 420
+STAGE_TIMEOUT = 600
+WEIGHT_TOL = 1e-4  # DeepSpeed's engine vs plain AdamW, float32: the same update up to summation order
 if not RAY.is_file():
     pytest.skip(f"no ray CLI next to {sys.executable}", allow_module_level=True)
 
@@ -177,10 +179,6 @@ def test_the_whole_pipeline_runs_as_a_submitted_job_and_matches_the_local_run(ra
     decisions = json.loads((user / "outputs" / "register" / "decisions.json").read_text())
     assert decisions["size"]["promoted"] is True, decisions  # the first version of the model: champion
     _matches_the_local_run(user, tmp_path / "here")
-
-
-WEIGHT_TOL = 1e-4  # DeepSpeed's engine vs plain AdamW, float32: the same update up to summation order
-STAGE_TIMEOUT = 600
 
 
 def _matches_the_local_run(cluster: Path, here: Path) -> None:
